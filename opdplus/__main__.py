@@ -1,0 +1,5 @@
+import sys
+
+from opdplus.cli import main
+
+sys.exit(main())

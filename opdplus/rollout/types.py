@@ -1,0 +1,92 @@
+"""The rollout record shared by sampler, teachers and the loss.
+
+Layout (every per-token tensor is aligned with ``input_ids_B_T``):
+
+* ``input_ids_B_T``: prompt, left-padded to a common length, followed by the completion,
+  right-padded. Column ``prompt_len`` is the first completion token of every row.
+* ``attention_mask_B_T``: True = a real token (not padding).
+* ``loss_mask_B_T``: True = a token the student sampled; it counts in the loss. Prompt,
+  padding and (in multi-turn rollouts) tool-output tokens are False.
+* ``sampler_logprobs_B_T[b, t]`` = log pi_sampler(input_ids[b, t] | input_ids[b, :t]) where
+  ``loss_mask`` is True, 0 elsewhere. ``teacher_logprobs_B_T`` has the same alignment.
+
+Position ids for a row are ``attention_mask.cumsum(-1) - 1`` (clamped at 0), so the padding side
+never changes a score. The batch is self-contained: the loss needs nothing outside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids_B_T: torch.Tensor
+    attention_mask_B_T: torch.Tensor
+    loss_mask_B_T: torch.Tensor
+    sampler_logprobs_B_T: torch.Tensor
+    prompt_len: int
+    tasks: list[str] = field(default_factory=list)
+    teacher_logprobs_B_T: torch.Tensor | None = None
+    truncated_B: torch.Tensor | None = None  # True = hit max_new_tokens before EOS
+    meta: list[dict] = field(default_factory=list)  # per-row extras (prompt text, task item id, ...)
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids_B_T.shape)
+        if len(shape) != 2:
+            raise ValueError(f"input_ids_B_T must be [B, T], got shape {shape}")
+        for name in ("attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape} like input_ids_B_T")
+        if self.loss_mask_B_T.dtype != torch.bool or self.attention_mask_B_T.dtype != torch.bool:
+            raise ValueError("loss_mask_B_T and attention_mask_B_T must be bool tensors (True = counts / real token)")
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids_B_T.shape[0]
+
+    @property
+    def position_ids_B_T(self) -> torch.Tensor:
+        return (self.attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
+
+    def completion_lengths_B(self) -> torch.Tensor:
+        return self.loss_mask_B_T.sum(-1)
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        moved = {
+            name: (getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name))
+            for name in ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T",
+                         "teacher_logprobs_B_T", "truncated_B")
+        }
+        return replace(self, **moved)
+
+    def select(self, rows: slice | torch.Tensor | list[int]) -> "RolloutBatch":
+        """A sub-batch of rows (for micro-batching); keeps the column layout."""
+        idx = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        listed = list(range(self.batch_size))[idx] if isinstance(idx, slice) else idx.tolist()
+        return replace(
+            self,
+            input_ids_B_T=pick(self.input_ids_B_T),
+            attention_mask_B_T=pick(self.attention_mask_B_T),
+            loss_mask_B_T=pick(self.loss_mask_B_T),
+            sampler_logprobs_B_T=pick(self.sampler_logprobs_B_T),
+            teacher_logprobs_B_T=pick(self.teacher_logprobs_B_T),
+            truncated_B=pick(self.truncated_B),
+            tasks=[self.tasks[i] for i in listed] if self.tasks else [],
+            meta=[self.meta[i] for i in listed] if self.meta else [],
+        )
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A frozen teacher: log q(y_t | c_t) for every token of a rollout batch.
+
+    ``score`` returns ``teacher_logprobs_B_T`` aligned with ``batch.input_ids_B_T`` (see module
+    docstring); values where ``loss_mask_B_T`` is False are 0 and must be ignored.
+    """
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor: ...
