@@ -11,7 +11,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` command's module is imported (fast start, and one broken
+    command cannot break the others)."""
     parser = argparse.ArgumentParser(
         prog="opdplus",
         description="On-policy distillation with unbiased f-divergence advantages (OPD+).",
@@ -20,15 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(cmd)
+        if name == selected:
+            importlib.import_module(module_name).add_arguments(cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(selected).parse_args(argv)
     if not args.command:
-        parser.print_help()
+        build_parser().print_help()
         return 0
     return int(importlib.import_module(args._module).run(args) or 0)
 

@@ -1,0 +1,290 @@
+"""f-divergences D_f(q || pi) = E_{v~pi}[f(q(v)/pi(v))], written in log-ratio space.
+
+Everything is a function of the log-ratio l = log q - log pi (teacher over student), u = exp(l):
+
+* ``f(l)``        = f(u), the per-sample "cost" whose expectation under the student is D_f;
+* ``u_fprime(l)`` = u f'(u) = d f(exp(l)) / dl, the term stop-gradient OPD drops;
+* ``weighted(logp, logq)`` = pi f(q/pi), the perspective form used for the exact divergence over a
+  vocabulary; it stays finite where pi -> 0.
+
+Directions follow DESIGN.md §1: ``reverse_kl`` is KL(pi||q), ``forward_kl`` is KL(q||pi),
+``pearson_chi2`` is chi2(q||pi), ``neyman_chi2`` is chi2(pi||q). All forms avoid cancellation
+(expm1, softplus) so they hold from l = -50 to 50 and beyond; ``growth`` is the largest k with
+|f| ~ exp(k |l|), used to keep intermediate values finite.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+LOG2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """An f-divergence, f convex with f(1) = 0, given as functions of l = log q - log pi."""
+
+    name: str
+    direction: str
+    f: Callable[[Tensor], Tensor]
+    u_fprime: Callable[[Tensor], Tensor]
+    weighted: Callable[[Tensor, Tensor], Tensor] = field(default=None)  # type: ignore[assignment]
+    growth: float = 1.0
+    params: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weighted is None:
+            object.__setattr__(self, "weighted", _weighted_from_f(self.f, self.growth))
+
+    @property
+    def label(self) -> str:
+        """Name with parameters, e.g. ``alpha(0.5)``."""
+        if not self.params:
+            return self.name
+        return f"{self.name}({', '.join(f'{v:g}' for _, v in self.params)})"
+
+    def safe_log_ratio(self, log_ratio: Tensor) -> Tensor:
+        """Clamp l so that exp(growth * l) stays finite in float64 (|growth * l| <= 600).
+
+        This only bites far beyond any meaningful value (float32 results saturate long before);
+        use ``log_ratio_clip`` for a deliberate bias-variance trade-off.
+        """
+        if self.growth <= 0:
+            return log_ratio
+        bound = 600.0 / self.growth
+        return log_ratio.clamp(-bound, bound)
+
+
+def _weighted_from_f(f: Callable[[Tensor], Tensor], growth: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """Default perspective form pi f(q/pi) = exp(logp) f(logq - logp), zero where pi = 0."""
+
+    def weighted(logp: Tensor, logq: Tensor) -> Tensor:
+        bound = 600.0 / max(growth, 1e-6)
+        log_ratio = torch.where(torch.isfinite(logp), logq - logp, torch.zeros_like(logp)).clamp(-bound, bound)
+        return torch.where(logp > -math.inf, logp.exp() * f(log_ratio), torch.zeros_like(logp))
+
+    return weighted
+
+
+def _xlogy_exp(logx: Tensor, log_y_over_z: Tensor) -> Tensor:
+    """exp(logx) * log_y_over_z, zero where x = 0 (so 0 * inf terms vanish)."""
+    return torch.where(logx > -math.inf, logx.exp() * log_y_over_z, torch.zeros_like(logx))
+
+
+# --- the built-in divergences -------------------------------------------------------------------
+
+
+def _reverse_kl() -> Divergence:
+    # f(u) = -log u; u f'(u) = -1; pi f(q/pi) = pi (log pi - log q).
+    return Divergence(
+        name="reverse_kl",
+        direction="KL(pi || q)",
+        f=lambda l: -l,
+        u_fprime=lambda l: -torch.ones_like(l),
+        weighted=lambda logp, logq: _xlogy_exp(logp, logp - logq),
+        growth=0.0,
+    )
+
+
+def _forward_kl() -> Divergence:
+    # f(u) = u log u; u f'(u) = u (log u + 1); pi f(q/pi) = q (log q - log pi).
+    return Divergence(
+        name="forward_kl",
+        direction="KL(q || pi)",
+        f=lambda l: l.exp() * l,
+        u_fprime=lambda l: l.exp() * (l + 1),
+        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp),
+    )
+
+
+def _jsd_weighted(logp: Tensor, logq: Tensor) -> Tensor:
+    # pi f(q/pi) = 1/2 [q log(q/m) + pi log(pi/m)], m = (pi + q) / 2.
+    logm = torch.logaddexp(logp, logq) - LOG2
+    return 0.5 * (_xlogy_exp(logq, logq - logm) + _xlogy_exp(logp, logp - logm))
+
+
+def _jsd() -> Divergence:
+    # f(u) = 1/2 [u l - (1+u) log((1+u)/2)] = 1/2 [u (log 2 - softplus(-l)) + log 2 - softplus(l)]
+    # u f'(u) = 1/2 u [l - log((1+u)/2)]    = 1/2 u (log 2 - softplus(-l))
+    return Divergence(
+        name="jsd",
+        direction="JS(pi, q), symmetric",
+        f=lambda l: 0.5 * (l.exp() * (LOG2 - F.softplus(-l)) + LOG2 - F.softplus(l)),
+        u_fprime=lambda l: 0.5 * l.exp() * (LOG2 - F.softplus(-l)),
+        weighted=_jsd_weighted,
+    )
+
+
+def _total_variation() -> Divergence:
+    # f(u) = 1/2 |u - 1|; u f'(u) = 1/2 u sign(u - 1); pi f(q/pi) = 1/2 |q - pi|.
+    return Divergence(
+        name="total_variation",
+        direction="TV(pi, q), symmetric",
+        f=lambda l: 0.5 * torch.expm1(l).abs(),
+        u_fprime=lambda l: 0.5 * l.exp() * torch.sign(l),
+        weighted=lambda logp, logq: 0.5 * (logq.exp() - logp.exp()).abs(),
+    )
+
+
+def _hellinger() -> Divergence:
+    # f(u) = (sqrt(u) - 1)^2; u f'(u) = u - sqrt(u); pi f(q/pi) = (sqrt(q) - sqrt(pi))^2.
+    return Divergence(
+        name="hellinger",
+        direction="squared Hellinger H^2(pi, q), symmetric",
+        f=lambda l: torch.expm1(0.5 * l).square(),
+        u_fprime=lambda l: (0.5 * l).exp() * torch.expm1(0.5 * l),
+        weighted=lambda logp, logq: ((0.5 * logq).exp() - (0.5 * logp).exp()).square(),
+    )
+
+
+def _pearson_chi2() -> Divergence:
+    # f(u) = (u - 1)^2; u f'(u) = 2 u (u - 1); pi f(q/pi) = (q - pi)^2 / pi.
+    return Divergence(
+        name="pearson_chi2",
+        direction="chi2(q || pi) (Pearson)",
+        f=lambda l: torch.expm1(l).square(),
+        u_fprime=lambda l: 2 * l.exp() * torch.expm1(l),
+        weighted=lambda logp, logq: torch.where(
+            logp > -math.inf, torch.expm1(logq - logp).square() * logp.exp(),
+            torch.where(logq > -math.inf, torch.full_like(logq, math.inf), torch.zeros_like(logq)),
+        ),
+        growth=2.0,
+    )
+
+
+def _neyman_chi2() -> Divergence:
+    # f(u) = (1 - u)^2 / u = -expm1(l) expm1(-l); u f'(u) = u - 1/u; pi f(q/pi) = (pi - q)^2 / q.
+    return Divergence(
+        name="neyman_chi2",
+        direction="chi2(pi || q) (Neyman)",
+        f=lambda l: -torch.expm1(l) * torch.expm1(-l),
+        u_fprime=lambda l: torch.expm1(l) - torch.expm1(-l),
+        weighted=lambda logp, logq: torch.where(
+            logq > -math.inf, torch.expm1(logp - logq).square() * logq.exp(),
+            torch.where(logp > -math.inf, torch.full_like(logp, math.inf), torch.zeros_like(logp)),
+        ),
+        growth=1.0,
+    )
+
+
+def _alpha(alpha: float | None = None) -> Divergence:
+    # f(u) = (u^a - a u - (1 - a)) / (a (a - 1)) = (expm1(a l) - a expm1(l)) / (a (a - 1))
+    # u f'(u) = (u^a - u) / (a - 1) = (expm1(a l) - expm1(l)) / (a - 1)
+    # pi f(q/pi) = (pi^(1-a) q^a - a q - (1 - a) pi) / (a (a - 1))
+    if alpha is None:
+        raise ValueError("divergence 'alpha' needs a parameter: get_divergence('alpha', alpha=0.5)")
+    a = float(alpha)
+    if not math.isfinite(a):
+        raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
+    if a == 0.0:
+        raise ValueError("alpha = 0 is the limit reverse_kl (KL(pi || q)); use divergence 'reverse_kl'")
+    if a == 1.0:
+        raise ValueError("alpha = 1 is the limit forward_kl (KL(q || pi)); use divergence 'forward_kl'")
+    denom = a * (a - 1.0)
+
+    def weighted(logp: Tensor, logq: Tensor) -> Tensor:
+        both = torch.where((logp > -math.inf) & (logq > -math.inf), ((1 - a) * logp + a * logq).exp(),
+                           torch.zeros_like(logp))
+        if a < 0:  # q = 0 with pi > 0 makes q^a infinite
+            both = torch.where((logq == -math.inf) & (logp > -math.inf), torch.full_like(logp, math.inf), both)
+        if a > 1:  # pi = 0 with q > 0 makes pi^(1-a) infinite
+            both = torch.where((logp == -math.inf) & (logq > -math.inf), torch.full_like(logp, math.inf), both)
+        return (both - a * logq.exp() - (1 - a) * logp.exp()) / denom
+
+    return Divergence(
+        name="alpha",
+        direction=f"Amari alpha-divergence, alpha={a:g} (-> KL(pi || q) as alpha -> 0, KL(q || pi) as alpha -> 1)",
+        f=lambda l: (torch.expm1(a * l) - a * torch.expm1(l)) / denom,
+        u_fprime=lambda l: (torch.expm1(a * l) - torch.expm1(l)) / (a - 1.0),
+        weighted=weighted,
+        growth=max(abs(a), 1.0),
+        params=(("alpha", a),),
+    )
+
+
+def _jeffreys() -> Divergence:
+    # f(u) = (u - 1) log u; u f'(u) = u l + u - 1; pi f(q/pi) = (q - pi)(log q - log pi).
+    return Divergence(
+        name="jeffreys",
+        direction="KL(pi || q) + KL(q || pi)",
+        f=lambda l: torch.expm1(l) * l,
+        u_fprime=lambda l: l.exp() * l + torch.expm1(l),
+        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp) + _xlogy_exp(logp, logp - logq),
+    )
+
+
+_REGISTRY: dict[str, Callable[..., Divergence]] = {
+    "reverse_kl": _reverse_kl,
+    "forward_kl": _forward_kl,
+    "jsd": _jsd,
+    "total_variation": _total_variation,
+    "hellinger": _hellinger,
+    "pearson_chi2": _pearson_chi2,
+    "neyman_chi2": _neyman_chi2,
+    "alpha": _alpha,
+    "jeffreys": _jeffreys,
+}
+
+
+def divergence_names() -> list[str]:
+    """Registered names, built-ins first."""
+    return list(_REGISTRY)
+
+
+def get_divergence(name: str | Divergence, **params: float) -> Divergence:
+    """Look up a divergence by registry name (``alpha`` takes ``alpha=...``).
+
+    A ``Divergence`` object is returned as is. Unknown names raise ValueError listing the valid ones.
+    """
+    if isinstance(name, Divergence):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given together with a Divergence object")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown divergence {name!r}; valid divergences: {', '.join(_REGISTRY)}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as err:
+        raise ValueError(f"divergence {name!r} does not take parameters {sorted(params)}: {err}") from None
+
+
+def divergence_from_f(name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom",
+                      growth: float = 1.0) -> Divergence:
+    """A divergence from f(u) alone (f convex, f(1) = 0); u f'(u) = d f(exp(l)) / dl by autograd.
+
+    ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|).
+    """
+
+    def f(l: Tensor) -> Tensor:
+        return f_of_u(l.exp())
+
+    def u_fprime(l: Tensor) -> Tensor:
+        with torch.enable_grad():
+            l_leaf = l.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(f(l_leaf).sum(), l_leaf, create_graph=l.requires_grad)
+        return grad
+
+    return Divergence(name=name, direction=direction, f=f, u_fprime=u_fprime, growth=growth)
+
+
+def register_divergence(name: str, f_of_u: Callable[[Tensor], Tensor] | None = None, *,
+                        factory: Callable[..., Divergence] | None = None, direction: str = "custom",
+                        growth: float = 1.0, overwrite: bool = False) -> None:
+    """Register a divergence by name: from f(u) alone, or a ``factory(**params) -> Divergence``."""
+    if (f_of_u is None) == (factory is None):
+        raise ValueError("register_divergence needs exactly one of f_of_u or factory")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"divergence {name!r} is already registered; pass overwrite=True to replace it")
+    if factory is None:
+        divergence = divergence_from_f(name, f_of_u, direction=direction, growth=growth)  # type: ignore[arg-type]
+        factory = lambda: divergence  # noqa: E731
+    _REGISTRY[name] = factory
+
+
+def unregister_divergence(name: str) -> None:
+    _REGISTRY.pop(name, None)
