@@ -142,6 +142,14 @@ def _hellinger() -> Divergence:
     )
 
 
+def _chi2_weighted(log_base: Tensor, log_other: Tensor) -> Tensor:
+    """(other - base)^2 / base = (other / sqrt(base) - sqrt(base))^2: no cancellation, and +inf
+    (never NaN) where base -> 0 while other > 0; 0 where both are 0."""
+    value = ((log_other - 0.5 * log_base).exp() - (0.5 * log_base).exp()).square()
+    both_zero = (log_base == -math.inf) & (log_other == -math.inf)
+    return torch.where(both_zero, torch.zeros_like(value), value)
+
+
 def _pearson_chi2() -> Divergence:
     # f(u) = (u - 1)^2; u f'(u) = 2 u (u - 1); pi f(q/pi) = (q - pi)^2 / pi.
     return Divergence(
@@ -149,10 +157,7 @@ def _pearson_chi2() -> Divergence:
         direction="chi2(q || pi) (Pearson)",
         f=lambda l: torch.expm1(l).square(),
         u_fprime=lambda l: 2 * l.exp() * torch.expm1(l),
-        weighted=lambda logp, logq: torch.where(
-            logp > -math.inf, torch.expm1(logq - logp).square() * logp.exp(),
-            torch.where(logq > -math.inf, torch.full_like(logq, math.inf), torch.zeros_like(logq)),
-        ),
+        weighted=lambda logp, logq: _chi2_weighted(logp, logq),
         growth=2.0,
     )
 
@@ -164,10 +169,7 @@ def _neyman_chi2() -> Divergence:
         direction="chi2(pi || q) (Neyman)",
         f=lambda l: -torch.expm1(l) * torch.expm1(-l),
         u_fprime=lambda l: torch.expm1(l) - torch.expm1(-l),
-        weighted=lambda logp, logq: torch.where(
-            logq > -math.inf, torch.expm1(logp - logq).square() * logq.exp(),
-            torch.where(logp > -math.inf, torch.full_like(logp, math.inf), torch.zeros_like(logp)),
-        ),
+        weighted=lambda logp, logq: _chi2_weighted(logq, logp),
         growth=1.0,
     )
 

@@ -1,0 +1,77 @@
+"""exact_divergence gradients (gradcheck) and the enumeration check of the estimators."""
+import json
+
+import pytest
+import torch
+
+import opdplus
+from opdplus import check
+from opdplus.cli import main
+from opdplus.ops.divergences import Divergence, get_divergence
+
+DIVS = check.check_divergences()
+
+
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
+def test_exact_divergence_gradcheck(div):
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: opdplus.exact_divergence(s, teacher, div), (student,))
+
+
+def test_exact_divergence_errors():
+    with pytest.raises(ValueError, match=r"student_logits=\(2, 3, 4\), teacher_logits=\(2, 3, 5\)"):
+        opdplus.exact_divergence(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), "jsd")
+    with pytest.raises(ValueError, match="floating-point"):
+        opdplus.exact_divergence(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 4), "jsd")
+    with pytest.raises(ValueError, match="valid divergences"):
+        opdplus.exact_divergence(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), "nope")
+
+
+def test_exact_divergence_finite_in_float32_with_extreme_logits():
+    student = torch.tensor([[[0.0, -200.0, 5.0]]])
+    teacher = torch.tensor([[[0.0, 10.0, -200.0]]])
+    for div in DIVS:
+        value = opdplus.exact_divergence(student, teacher, div)
+        assert not torch.isnan(value).any(), div.label
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return check.run_check(vocab=3, depth=3, seed=0)
+
+
+@pytest.mark.parametrize("label", [d.label for d in DIVS])
+def test_enumeration_opd_plus_is_exact_for_every_divergence(rows, label):
+    row = next(r for r in rows if r["divergence"] == label)
+    assert row["opd_plus/gamma0"] <= 1e-10 and row["opd_plus/gamma1"] <= 1e-10
+    assert row["objective_error"] <= 1e-10
+    if label == "reverse_kl":
+        assert row["opd/gamma0"] <= 1e-10 and row["opd/gamma1"] <= 1e-10
+    else:  # stop-gradient OPD is biased for every other f
+        assert row["opd/gamma0"] > 1e-2 and row["opd/gamma1"] > 1e-2
+
+
+def test_enumeration_detects_a_wrong_correction_term():
+    """A divergence whose u f'(u) is wrong (here: halved) must fail the check, so the check can fail."""
+    good = get_divergence("forward_kl")
+    bad = Divergence(name="bad", direction="test", f=good.f, u_fprime=lambda l: 0.5 * good.u_fprime(l),
+                     weighted=good.weighted)
+    problem = check.TabularProblem.build(3, 2)
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(len(problem.context_prefixes), 3, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(len(problem.context_prefixes), 3, generator=gen, dtype=torch.float64)
+    _, reference = check.reference_gradient(student, teacher, problem, bad, 1.0)
+    estimate = check.estimator_gradient(student, teacher, problem, bad, "opd_plus", 1.0)
+    assert (estimate - reference).norm() / reference.norm() > 1e-2
+
+
+def test_check_cli_json_and_text(capsys):
+    assert main(["check", "--json", "--vocab", "3", "--depth", "2"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["check"]
+    assert payload["passed"] is True and len(payload["rows"]) == len(DIVS)
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "unbiased for every divergence" in out and "biased: relative error" in out
+    assert main(["check", "--vocab", "1"]) == 2
