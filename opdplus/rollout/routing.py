@@ -1,0 +1,93 @@
+"""``RoutedTeacher``: several teachers, each row scored by the teacher of its task tag (``batch.tasks``)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from opdplus.rollout.types import RolloutBatch, Teacher
+
+
+class MissingTeacherError(KeyError):
+    """A row's task has no teacher."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass
+class TeacherUsage:
+    rows: int = 0
+    tokens: int = 0  # loss tokens scored
+    seconds: float = 0.0
+    calls: int = 0
+
+
+class RoutedTeacher:
+    """A Teacher that routes each row of a batch to ``teachers[batch.tasks[row]]``.
+
+    Rows of one task go to their teacher as one sub-batch (``batch.select``), in the order the
+    tasks first appear. ``metrics()`` reports rows, loss tokens and seconds per teacher.
+    """
+
+    def __init__(self, teachers: Mapping[str, Teacher]):
+        if not teachers:
+            raise ValueError("RoutedTeacher needs at least one {task: teacher} entry")
+        for task, teacher in teachers.items():
+            if not callable(getattr(teacher, "score", None)):
+                raise TypeError(f"teacher for task {task!r} ({type(teacher).__name__}) has no score(batch) method")
+        self.teachers = dict(teachers)
+        self.usage = {task: TeacherUsage() for task in self.teachers}
+
+    def __repr__(self) -> str:
+        return f"RoutedTeacher({self.teachers!r})"
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """``teacher_logprobs_B_T`` for the whole batch, each row from its task's teacher."""
+        groups = self._rows_by_task(batch)
+        out_B_T = torch.zeros(batch.input_ids_B_T.shape, dtype=torch.float32, device=batch.input_ids_B_T.device)
+        for task, rows in groups.items():
+            sub = batch.select(rows)
+            start = time.perf_counter()
+            sub_B_T = self.teachers[task].score(sub)
+            elapsed = time.perf_counter() - start
+            if tuple(sub_B_T.shape) != tuple(sub.input_ids_B_T.shape):
+                raise ValueError(f"teacher for task {task!r} returned shape {tuple(sub_B_T.shape)}, "
+                                 f"expected {tuple(sub.input_ids_B_T.shape)}")
+            index = torch.tensor(rows, dtype=torch.long, device=out_B_T.device)
+            out_B_T[index] = sub_B_T.to(out_B_T.device, torch.float32)
+            self._record(task, len(rows), int(sub.loss_mask_B_T.sum()), elapsed)
+        return out_B_T
+
+    def _rows_by_task(self, batch: RolloutBatch) -> dict[str, list[int]]:
+        if len(batch.tasks) != batch.batch_size:
+            raise ValueError(f"RoutedTeacher needs one task tag per row: batch.tasks has {len(batch.tasks)} "
+                             f"entries for {batch.batch_size} rows")
+        groups: dict[str, list[int]] = {}
+        for row, task in enumerate(batch.tasks):
+            groups.setdefault(task, []).append(row)
+        missing = sorted(set(groups) - set(self.teachers))
+        if missing:
+            raise MissingTeacherError(f"no teacher for task(s) {missing}; teachers are configured for "
+                                      f"{sorted(self.teachers)}")
+        return groups
+
+    def _record(self, task: str, rows: int, tokens: int, seconds: float) -> None:
+        usage = self.usage[task]
+        usage.rows += rows
+        usage.tokens += tokens
+        usage.seconds += seconds
+        usage.calls += 1
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """``teacher/<task>/{rows,tokens,seconds}`` since construction (or the last reset)."""
+        out: dict[str, float] = {}
+        for task, usage in self.usage.items():
+            out[f"teacher/{task}/rows"] = usage.rows
+            out[f"teacher/{task}/tokens"] = usage.tokens
+            out[f"teacher/{task}/seconds"] = usage.seconds
+        if reset:
+            self.usage = {task: TeacherUsage() for task in self.teachers}
+        return out

@@ -1,0 +1,168 @@
+"""HTTPTeacher against an in-process fake server (httpx.MockTransport): realignment, both vLLM
+response shapes, retries with backoff, clear errors. No sockets, no model."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from opdplus.rollout.http_teacher import (
+    HTTPTeacher,
+    TeacherRequestError,
+    TeacherUnavailableError,
+    completions_url,
+)
+from opdplus.rollout.openai_protocol import (
+    PromptScores,
+    ServerLimits,
+    format_completion_response,
+    parse_completion_request,
+)
+from opdplus.rollout.types import RolloutBatch
+
+VOCAB = 50
+
+
+def fake_logprob(ids: list[int], j: int) -> float:
+    """A context-dependent stand-in for log q(ids[j] | ids[:j])."""
+    return -0.5 - 0.01 * ids[j] - 0.001 * sum(ids[:j])
+
+
+def fake_scores(ids: list[int], k: int) -> PromptScores:
+    lps = [fake_logprob(ids, j) for j in range(1, len(ids))]
+    return PromptScores(lps, [2] * len(lps), [[7] * k for _ in lps], [[-0.1] * k for _ in lps])
+
+
+class FakeServer:
+    """Answers /v1/completions like a vLLM server would; can fail the first ``fail_first`` calls."""
+
+    def __init__(self, fail_first: int = 0, fail_status: int = 503, drop: str | None = None):
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.drop = drop  # remove this response field, to force the other shape
+        self.bodies: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "fake-teacher"}]})
+        self.bodies.append(json.loads(request.content))
+        if len(self.bodies) <= self.fail_first:
+            return httpx.Response(self.fail_status, json={"error": {"message": "overloaded"}})
+        req = parse_completion_request(self.bodies[-1], limits=ServerLimits(), vocab_size=VOCAB,
+                                       model_name="fake-teacher")
+        scores = [fake_scores(p, req.top_k) for p in req.prompts]
+        payload = format_completion_response(req, scores, model_name="fake-teacher", decode=str,
+                                             decode_text=lambda ids: "")
+        if self.drop:
+            for choice in payload["choices"]:
+                choice[self.drop] = None
+        return httpx.Response(200, json=payload)
+
+
+def make_batch() -> RolloutBatch:
+    """3 rows: prompts left-padded to 4, completions right-padded to 3 (row 2 has no completion)."""
+    prompts = [[1, 2, 3, 4], [5, 6], [9, 8, 7]]
+    completions = [[10, 11, 12], [13], []]
+    rows, attn, loss = [], [], []
+    for p, c in zip(prompts, completions):
+        pad_left, pad_right = 4 - len(p), 3 - len(c)
+        rows.append([0] * pad_left + p + c + [0] * pad_right)
+        attn.append([False] * pad_left + [True] * (len(p) + len(c)) + [False] * pad_right)
+        loss.append([False] * 4 + [True] * len(c) + [False] * pad_right)
+    ids = torch.tensor(rows)
+    return RolloutBatch(ids, torch.tensor(attn), torch.tensor(loss), torch.zeros(ids.shape), prompt_len=4,
+                        tasks=["a", "b", "a"])
+
+
+def expected_scores(batch: RolloutBatch) -> torch.Tensor:
+    out = torch.zeros(batch.input_ids_B_T.shape)
+    for b in range(batch.batch_size):
+        cols = batch.attention_mask_B_T[b].nonzero().squeeze(-1).tolist()
+        ids = batch.input_ids_B_T[b, cols].tolist()
+        for j, col in enumerate(cols):
+            if batch.loss_mask_B_T[b, col]:
+                out[b, col] = fake_logprob(ids, j)
+    return out
+
+
+def teacher_for(server: FakeServer, **kwargs) -> HTTPTeacher:
+    kwargs.setdefault("backoff_s", 0.001)
+    return HTTPTeacher("http://teacher.test:8000", transport=httpx.MockTransport(server), **kwargs)
+
+
+@pytest.mark.parametrize("shape", ["prompt_logprobs", "echo"])
+@pytest.mark.parametrize("rows_per_request", [1, 2, 8])
+def test_scores_are_realigned_with_the_padded_batch(shape: str, rows_per_request: int) -> None:
+    batch = make_batch()
+    server = FakeServer()
+    with teacher_for(server, response_shape=shape, rows_per_request=rows_per_request) as teacher:
+        got = teacher.score(batch)
+    torch.testing.assert_close(got, expected_scores(batch), rtol=0, atol=1e-6)
+    assert got[~batch.loss_mask_B_T].abs().max() == 0
+    sent = [ids for body in server.bodies for ids in body["prompt"]]
+    assert sent == [[1, 2, 3, 4, 10, 11, 12], [5, 6, 13]]  # padding stripped; the row without loss tokens skipped
+    assert all(body["echo"] is True and body["max_tokens"] == 0 and body["model"] == "fake-teacher"
+               for body in server.bodies)
+
+
+@pytest.mark.parametrize("dropped", ["prompt_logprobs", "logprobs"])
+def test_either_response_shape_is_understood(dropped: str) -> None:
+    """vLLM returns both blocks when echo+logprobs; a server may return only one of them."""
+    batch = make_batch()
+    with teacher_for(FakeServer(drop=dropped), response_shape="echo") as teacher:
+        torch.testing.assert_close(teacher.score(batch), expected_scores(batch), rtol=0, atol=1e-6)
+
+
+def test_retries_5xx_with_backoff_then_succeeds() -> None:
+    batch = make_batch()
+    server = FakeServer(fail_first=2)
+    with teacher_for(server, max_retries=3, rows_per_request=8) as teacher:
+        got = teacher.score(batch)
+        assert teacher.metrics()["retries"] == 2
+    torch.testing.assert_close(got, expected_scores(batch), rtol=0, atol=1e-6)
+
+
+def test_gives_up_after_retries_with_an_error_naming_the_url() -> None:
+    server = FakeServer(fail_first=100)
+    with teacher_for(server, max_retries=2, model="m") as teacher:
+        with pytest.raises(TeacherUnavailableError, match=r"http://teacher.test:8000/v1/completions.*3 attempts.*503"):
+            teacher.score(make_batch())
+    assert len(server.bodies) == 3
+
+
+def test_client_errors_are_not_retried_and_carry_the_server_message() -> None:
+    server = FakeServer(fail_first=100, fail_status=400)
+    with teacher_for(server, max_retries=5, model="m") as teacher:
+        with pytest.raises(TeacherRequestError, match="HTTP 400: overloaded"):
+            teacher.score(make_batch())
+    assert len(server.bodies) == 1
+
+
+def test_connection_errors_are_retried() -> None:
+    calls = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.ConnectError("connection refused")
+
+    teacher = HTTPTeacher("http://127.0.0.1:9/v1", model="m", max_retries=2, backoff_s=0.001,
+                          transport=httpx.MockTransport(refuse))
+    with pytest.raises(TeacherUnavailableError, match=r"127.0.0.1:9/v1/completions.*ConnectError"):
+        teacher.score(make_batch())
+    assert len(calls) == 3
+
+
+def test_loss_on_the_first_real_token_is_rejected() -> None:
+    batch = make_batch()
+    batch.loss_mask_B_T[1, 2] = True  # row 1's first real token
+    with teacher_for(FakeServer()) as teacher:
+        with pytest.raises(ValueError, match="row 1: the first real token"):
+            teacher.score(batch)
+
+
+def test_completions_url_normalisation() -> None:
+    assert completions_url("http://h:1") == "http://h:1/v1/completions"
+    assert completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
+    assert completions_url("http://h:1/v1/completions") == "http://h:1/v1/completions"
