@@ -9,9 +9,10 @@ from opdplus.ops.divergences import (
 )
 from opdplus.ops.exact import exact_divergence
 from opdplus.ops.loss import policy_loss, ratio_clip_fraction
+from opdplus.ops.signals import per_position_divergence_loss, topk_divergence
 
 __all__ = [
     "Divergence", "advantages", "discounted_returns", "divergence_from_f", "divergence_names",
     "exact_divergence", "get_divergence", "log_ratio_clip_fraction", "masked_log_ratio", "policy_loss",
-    "ratio_clip_fraction", "register_divergence",
+    "per_position_divergence_loss", "ratio_clip_fraction", "register_divergence", "topk_divergence",
 ]
