@@ -64,7 +64,7 @@ def _load_builtin_tasks() -> None:
 
 
 # Modules that register tasks when imported; each task module appends itself here.
-_BUILTIN_TASK_MODULES: list[str] = ["opdplus.tasks.trivial", "opdplus.tasks.math", "opdplus.tasks.bfcl"]
+_BUILTIN_TASK_MODULES: list[str] = ["opdplus.tasks.trivial", "opdplus.tasks.synthetic", "opdplus.tasks.math", "opdplus.tasks.bfcl"]
 
 
 def render_prompt(tokenizer: Any, item: TaskItem) -> str:
