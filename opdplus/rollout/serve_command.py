@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 API_KEY_ENV = "OPDPLUS_TEACHER_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory (or hub id) of the teacher")
+    parser.add_argument("--model", required=True,
+                        help="the teacher: a local Hugging Face model directory or a gguf:<package>/<file.gguf> spec")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -39,11 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from opdplus.models.sources import ModelSourceError
     from opdplus.rollout.openai_protocol import ServerLimits
     from opdplus.rollout.server import ScoringEngine, create_app, load_teacher_model, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model, tokenizer = load_teacher_model(args.model, device=args.device, dtype=args.dtype)
+    try:
+        model, tokenizer = load_teacher_model(args.model, device=args.device, dtype=args.dtype)
+    except ModelSourceError as exc:
+        print(f"opdplus serve-teacher: {exc}", file=sys.stderr)
+        return 2
     engine = ScoringEngine(model, tokenizer)
     max_prompt_tokens = args.max_prompt_tokens or getattr(model.config, "max_position_embeddings", None) or 8192
     limits = ServerLimits(

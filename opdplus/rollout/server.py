@@ -51,21 +51,24 @@ ScoreFn = Callable[[list[list[int]], int], list[PromptScores]]
 # --------------------------------------------------------------------------------------------
 
 def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM and (if present) its tokenizer from a local HF directory or hub id.
+    """Load a causal LM and (if present) its tokenizer from a local HF directory or a ``gguf:`` spec.
 
     ``device="auto"`` picks CUDA when available; ``dtype="auto"`` is bfloat16 on CUDA, float32 on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from opdplus.models.sources import resolve_model
+
+    path = resolve_model(model)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     net.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:  # scoring needs no tokenizer; tokens are then shown as ids
-        log.warning("no tokenizer loaded from %s (%s); tokens are reported as token_id:N", model, exc)
+        log.warning("no tokenizer loaded from %s (%s); tokens are reported as token_id:N", path, exc)
         tokenizer = None
     return net, tokenizer
 
@@ -350,8 +353,9 @@ def create_app(engine: ScoringEngine, *, model_name: str, api_key: str | None = 
         answered, scores = await _unless_disconnected(request, batcher.score(score_request.prompts, score_request.top_k))
         if not answered:
             return Response(status_code=499)
-        return _json(format_completion_response(score_request, scores, model_name=model_name, decode=engine.decode,
-                                                decode_text=engine.decode_text))
+        payload = functools.partial(format_completion_response, score_request, scores, model_name=model_name,
+                                    decode=engine.decode, decode_text=engine.decode_text)
+        return await asyncio.to_thread(lambda: _json(payload()))  # big top-k answers take a while to encode
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
