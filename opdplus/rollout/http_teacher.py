@@ -11,6 +11,7 @@ Other 4xx answers raise ``TeacherRequestError`` at once with the server's messag
 """
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from opdplus.rollout.openai_protocol import prompt_token_logprobs, scoring_request_body
+from opdplus.rollout.openai_protocol import prompt_token_logprobs, prompt_topk, scoring_request_body
 from opdplus.rollout.types import RolloutBatch
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -97,40 +98,74 @@ class HTTPTeacher:
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """``teacher_logprobs_B_T`` aligned with ``batch.input_ids_B_T``; 0 where ``loss_mask`` is False."""
         start = time.perf_counter()
-        ids_B_T, attn_B_T, loss_B_T = (t.cpu() for t in (batch.input_ids_B_T, batch.attention_mask_B_T,
-                                                          batch.loss_mask_B_T))
-        if (loss_B_T & ~attn_B_T).any():
-            raise ValueError("loss_mask_B_T is True at padding positions (attention_mask_B_T False)")
-        columns = [_scored_columns(attn_B_T[b], loss_B_T[b], b) for b in range(ids_B_T.shape[0])]
-        rows = [b for b, cols in enumerate(columns) if len(cols) > 1]
-        scored = self.score_token_ids([ids_B_T[b, columns[b]].tolist() for b in rows])
-        out_B_T = torch.zeros(ids_B_T.shape, dtype=torch.float32)
-        for b, values in zip(rows, scored):
-            out_B_T[b, columns[b][1:]] = torch.tensor(values, dtype=torch.float32)
-        out_B_T = torch.where(loss_B_T, out_B_T, torch.zeros_like(out_B_T))
-        with self._lock:
-            self.stats.rows += len(rows)
-            self.stats.tokens += sum(len(columns[b]) for b in rows)
-            self.stats.seconds += time.perf_counter() - start
+        plan = _RowPlan.of(batch)
+        scored = self.score_token_ids(plan.prompts)
+        out_B_T = torch.zeros(plan.loss_B_T.shape, dtype=torch.float32)
+        for b, values in zip(plan.rows, scored):
+            out_B_T[b, plan.columns[b][1:]] = torch.tensor(values, dtype=torch.float32)
+        out_B_T = torch.where(plan.loss_B_T, out_B_T, torch.zeros_like(out_B_T))
+        self._count(plan, time.perf_counter() - start)
         return out_B_T.to(batch.input_ids_B_T.device)
+
+    def score_topk(self, batch: RolloutBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k at every column: ``(ids_B_T_K, logprobs_B_T_K)``, best first.
+
+        Column t holds the top-k of q(. | input_ids[:t]) (the distribution the token at t was drawn
+        from, as in ``teacher_logprobs_B_T``). Where ``loss_mask`` is False the ids are 0..k-1 and the
+        log-probs -log(k) (a harmless uniform placeholder that must still be masked). Needs a server
+        returning ``prompt_logprobs`` (ours, or vLLM with ``--max-logprobs >= k``).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        start = time.perf_counter()
+        plan = _RowPlan.of(batch)
+        scored = self.topk_token_ids(plan.prompts, k)
+        shape = (*plan.loss_B_T.shape, k)
+        ids_B_T_K = torch.zeros(shape, dtype=torch.long)
+        logprobs_B_T_K = torch.zeros(shape, dtype=torch.float32)
+        for b, (top_ids, top_lps) in zip(plan.rows, scored):
+            cols = plan.columns[b][1:]
+            ids_B_T_K[b, cols] = torch.tensor(top_ids, dtype=torch.long).reshape(len(cols), k)
+            logprobs_B_T_K[b, cols] = torch.tensor(top_lps, dtype=torch.float32).reshape(len(cols), k)
+        keep_B_T_1 = plan.loss_B_T[..., None]
+        ids_B_T_K = torch.where(keep_B_T_1, ids_B_T_K, torch.arange(k).expand(shape))
+        logprobs_B_T_K = torch.where(keep_B_T_1, logprobs_B_T_K, torch.full_like(logprobs_B_T_K, -math.log(k)))
+        self._count(plan, time.perf_counter() - start)
+        device = batch.input_ids_B_T.device
+        return ids_B_T_K.to(device), logprobs_B_T_K.to(device)
+
+    def _count(self, plan: "_RowPlan", seconds: float) -> None:
+        with self._lock:
+            self.stats.rows += len(plan.rows)
+            self.stats.tokens += sum(len(p) for p in plan.prompts)
+            self.stats.seconds += seconds
 
     # ------------------------------------------------------------------ token-id API
 
     def score_token_ids(self, prompts: list[list[int]]) -> list[list[float]]:
         """For each prompt p: [log q(p[j] | p[:j]) for j = 1..len(p)-1], in order."""
+        return self._map_chunks(prompts, 0)
+
+    def topk_token_ids(self, prompts: list[list[int]], k: int) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """For each prompt p: (top-k ids, top-k log-probs) of q(. | p[:j]) for j = 1..len(p)-1."""
+        return self._map_chunks(prompts, k)
+
+    def _map_chunks(self, prompts: list[list[int]], top_k: int) -> list:
         if self.model is None:
             self.model = self._served_model()
         chunks = [prompts[i: i + self.rows_per_request] for i in range(0, len(prompts), self.rows_per_request)]
-        results = list(self._pool.map(self._score_chunk, chunks))
+        results = list(self._pool.map(lambda chunk: self._score_chunk(chunk, top_k), chunks))
         return [values for chunk in results for values in chunk]
 
-    def _score_chunk(self, prompts: list[list[int]]) -> list[list[float]]:
-        body = scoring_request_body(prompts, model=self.model, shape=self.response_shape)
-        payload = self._post(body)
+    def _score_chunk(self, prompts: list[list[int]], top_k: int) -> list:
+        shape = "prompt_logprobs" if top_k else self.response_shape
+        payload = self._post(scoring_request_body(prompts, model=self.model, shape=shape, top_k=top_k))
         choices = sorted(payload.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != len(prompts):
             raise TeacherRequestError(f"teacher at {self.url} returned {len(choices)} choices for {len(prompts)} prompts")
         try:
+            if top_k:
+                return [prompt_topk(choice, ids, top_k) for choice, ids in zip(choices, prompts)]
             return [prompt_token_logprobs(choice, ids) for choice, ids in zip(choices, prompts)]
         except ValueError as exc:
             raise TeacherRequestError(f"teacher at {self.url} returned an unusable response: {exc}") from None
@@ -196,6 +231,26 @@ class HTTPTeacher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class _RowPlan:
+    """What to send for a batch: each row's real columns up to its last loss token, as token ids."""
+
+    loss_B_T: torch.Tensor
+    columns: list[torch.Tensor]
+    rows: list[int]  # rows with something to score
+    prompts: list[list[int]]  # token ids sent for those rows
+
+    @classmethod
+    def of(cls, batch: RolloutBatch) -> "_RowPlan":
+        ids_B_T, attn_B_T, loss_B_T = (t.cpu() for t in (batch.input_ids_B_T, batch.attention_mask_B_T,
+                                                          batch.loss_mask_B_T))
+        if (loss_B_T & ~attn_B_T).any():
+            raise ValueError("loss_mask_B_T is True at padding positions (attention_mask_B_T False)")
+        columns = [_scored_columns(attn_B_T[b], loss_B_T[b], b) for b in range(ids_B_T.shape[0])]
+        rows = [b for b, cols in enumerate(columns) if len(cols) > 1]
+        return cls(loss_B_T, columns, rows, [ids_B_T[b, columns[b]].tolist() for b in rows])
 
 
 def _scored_columns(attn_T: torch.Tensor, loss_T: torch.Tensor, row: int) -> torch.Tensor:

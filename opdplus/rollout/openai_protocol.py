@@ -264,18 +264,22 @@ def _echo_block(ids: list[int], sc: PromptScores, k: int, token_str: Callable[[i
 # client side
 # --------------------------------------------------------------------------------------------
 
-def scoring_request_body(prompts: list[list[int]], *, model: str | None, shape: str = "prompt_logprobs") -> dict:
+def scoring_request_body(prompts: list[list[int]], *, model: str | None, shape: str = "prompt_logprobs",
+                         top_k: int = 0) -> dict:
     """The request body that asks an OpenAI/vLLM server for the log-prob of every prompt token.
 
     ``shape="prompt_logprobs"`` asks for vLLM's ``prompt_logprobs`` (exact token-id keys);
-    ``shape="echo"`` for the OpenAI echo ``logprobs`` block (``token_logprobs``).
+    ``shape="echo"`` for the OpenAI echo ``logprobs`` block (``token_logprobs``). ``top_k > 0``
+    also asks for each position's top-k alternatives (only the ``prompt_logprobs`` shape has ids).
     """
     body: dict[str, Any] = {"prompt": prompts, "echo": True, "max_tokens": 0, "temperature": 1.0}
     if model is not None:
         body["model"] = model
     if shape == "prompt_logprobs":
-        body["prompt_logprobs"] = 0
+        body["prompt_logprobs"] = top_k
     elif shape == "echo":
+        if top_k:
+            raise ValueError("top-k alternatives need shape='prompt_logprobs' (echo top_logprobs are keyed by text)")
         body["logprobs"] = 0
     else:
         raise ValueError(f"unknown response shape {shape!r}; use 'prompt_logprobs' or 'echo'")
@@ -312,3 +316,24 @@ def _logprob_of(entry: Any, token_id: int, pos: int) -> float:
     if value is None:
         raise ValueError(f"prompt_logprobs[{pos}] has no entry for the prompt token {token_id}")
     return float(value["logprob"] if isinstance(value, dict) else value)
+
+
+def prompt_topk(choice: dict, ids: list[int], k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The top-k token ids and log-probs (best first) at positions 1..L-1 of one choice's ``prompt_logprobs``."""
+    block = choice.get("prompt_logprobs")
+    if block is None or len(block) < len(ids):
+        raise ValueError(f"top-k needs `prompt_logprobs` with one entry per prompt token ({len(ids)}), got "
+                         f"{None if block is None else len(block)}")
+    top_ids, top_lps = [], []
+    for pos in range(1, len(ids)):
+        entry = block[pos]
+        if not isinstance(entry, dict):
+            raise ValueError(f"prompt_logprobs[{pos}] is {entry!r}, expected a mapping token id -> logprob")
+        ranked = sorted((v["rank"], int(tok), float(v["logprob"])) for tok, v in entry.items()
+                        if isinstance(v, dict) and v.get("rank") is not None and v["rank"] <= k)
+        if len(ranked) < k:
+            raise ValueError(f"prompt_logprobs[{pos}] holds {len(ranked)} entries ranked <= {k}; "
+                             f"did the server cap prompt_logprobs (vLLM: --max-logprobs)?")
+        top_ids.append([tok for _, tok, _ in ranked[:k]])
+        top_lps.append([lp for _, _, lp in ranked[:k]])
+    return top_ids, top_lps

@@ -178,6 +178,20 @@ def test_http_teacher_scores_equal_local_scores(server: ServerProcess, local_mod
     torch.testing.assert_close(got_B_T, want_B_T, rtol=0, atol=1e-4)
 
 
+def test_http_teacher_topk_equals_local_topk(server: ServerProcess, local_model) -> None:
+    batch = make_rollout_batch(seed=2, rows=5)
+    k = 4
+    with HTTPTeacher(server.url, api_key=API_KEY, rows_per_request=2) as teacher:
+        ids_B_T_K, logprobs_B_T_K = teacher.score_topk(batch, k)
+    with torch.no_grad():
+        logits_B_T_V = local_model(input_ids=batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T.long(),
+                                   position_ids=batch.position_ids_B_T).logits.float()
+    want_lp_B_T_K, want_ids_B_T_K = torch.log_softmax(logits_B_T_V[:, :-1], -1).topk(k, dim=-1)
+    mask_B_T = batch.loss_mask_B_T[:, 1:]
+    assert torch.equal(ids_B_T_K[:, 1:][mask_B_T], want_ids_B_T_K[mask_B_T])
+    torch.testing.assert_close(logprobs_B_T_K[:, 1:][mask_B_T], want_lp_B_T_K[mask_B_T], rtol=0, atol=1e-4)
+
+
 def test_both_response_shapes_and_top_k_match_local(client: httpx.Client, local_model) -> None:
     ids = [2, 40, 41, 42, 43, 44, 45, 99]
     k = 5

@@ -3,6 +3,7 @@ response shapes, retries with backoff, clear errors. No sockets, no model."""
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import pytest
@@ -30,9 +31,15 @@ def fake_logprob(ids: list[int], j: int) -> float:
     return -0.5 - 0.01 * ids[j] - 0.001 * sum(ids[:j])
 
 
+def fake_topk(ids: list[int], j: int, k: int) -> tuple[list[int], list[float]]:
+    """Top-k alternatives at position j: ids 30.. (never in the test prompts), decreasing log-probs."""
+    return [30 + (ids[j - 1] + i) % 20 for i in range(k)], [-0.01 * (i + 1) - 0.001 * j for i in range(k)]
+
+
 def fake_scores(ids: list[int], k: int) -> PromptScores:
     lps = [fake_logprob(ids, j) for j in range(1, len(ids))]
-    return PromptScores(lps, [2] * len(lps), [[7] * k for _ in lps], [[-0.1] * k for _ in lps])
+    tops = [fake_topk(ids, j, k) for j in range(1, len(ids))]
+    return PromptScores(lps, [k + 1] * len(lps), [t[0] for t in tops], [t[1] for t in tops])
 
 
 class FakeServer:
@@ -160,6 +167,27 @@ def test_loss_on_the_first_real_token_is_rejected() -> None:
     with teacher_for(FakeServer()) as teacher:
         with pytest.raises(ValueError, match="row 1: the first real token"):
             teacher.score(batch)
+
+
+def test_topk_is_realigned_and_placeholder_off_the_mask() -> None:
+    batch = make_batch()
+    k = 3
+    server = FakeServer()
+    with teacher_for(server, rows_per_request=1) as teacher:
+        ids_B_T_K, logprobs_B_T_K = teacher.score_topk(batch, k)
+    assert all(body["prompt_logprobs"] == k for body in server.bodies)
+    assert ids_B_T_K.shape == (*batch.input_ids_B_T.shape, k) and ids_B_T_K.dtype == torch.long
+    for b in range(batch.batch_size):
+        cols = batch.attention_mask_B_T[b].nonzero().squeeze(-1).tolist()
+        ids = batch.input_ids_B_T[b, cols].tolist()
+        for j, col in enumerate(cols):
+            if batch.loss_mask_B_T[b, col]:
+                want_ids, want_lps = fake_topk(ids, j, k)
+                assert ids_B_T_K[b, col].tolist() == want_ids
+                torch.testing.assert_close(logprobs_B_T_K[b, col], torch.tensor(want_lps))
+    off = ~batch.loss_mask_B_T
+    assert (ids_B_T_K[off] == torch.arange(k)).all()
+    torch.testing.assert_close(logprobs_B_T_K[off], torch.full((int(off.sum()), k), -math.log(k)))
 
 
 def test_completions_url_normalisation() -> None:
