@@ -151,6 +151,8 @@ class HTTPTeacher:
         return self._map_chunks(prompts, k)
 
     def _map_chunks(self, prompts: list[list[int]], top_k: int) -> list:
+        if not prompts:
+            return []
         if self.model is None:
             self.model = self._served_model()
         chunks = [prompts[i: i + self.rows_per_request] for i in range(0, len(prompts), self.rows_per_request)]

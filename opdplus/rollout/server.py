@@ -202,7 +202,10 @@ class DynamicBatcher:
             return list(await asyncio.gather(*(job.future for job in jobs)))
         finally:
             for job in jobs:
-                job.future.cancel()  # no-op for finished ones; drops the rest from future batches
+                if not job.future.done():
+                    job.future.cancel()  # dropped from future batches
+                elif not job.future.cancelled():
+                    job.future.exception()  # mark a batch failure as seen (no "never retrieved" warnings)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
