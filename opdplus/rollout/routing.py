@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -28,17 +29,20 @@ class TeacherUsage:
 class RoutedTeacher:
     """A Teacher that routes each row of a batch to ``teachers[batch.tasks[row]]``.
 
-    Rows of one task go to their teacher as one sub-batch (``batch.select``), in the order the
-    tasks first appear. ``metrics()`` reports rows, loss tokens and seconds per teacher.
+    Rows of one task go to their teacher as one sub-batch (``batch.select``). With
+    ``concurrent=True`` the teachers score at the same time, one thread each (for remote teachers;
+    local teachers on one GPU would add up their peak memory). ``metrics()`` reports rows, loss
+    tokens and seconds per teacher.
     """
 
-    def __init__(self, teachers: Mapping[str, Teacher]):
+    def __init__(self, teachers: Mapping[str, Teacher], *, concurrent: bool = False):
         if not teachers:
             raise ValueError("RoutedTeacher needs at least one {task: teacher} entry")
         for task, teacher in teachers.items():
             if not callable(getattr(teacher, "score", None)):
                 raise TypeError(f"teacher for task {task!r} ({type(teacher).__name__}) has no score(batch) method")
         self.teachers = dict(teachers)
+        self.concurrent = concurrent
         self.usage = {task: TeacherUsage() for task in self.teachers}
 
     def __repr__(self) -> str:
@@ -48,18 +52,26 @@ class RoutedTeacher:
         """``teacher_logprobs_B_T`` for the whole batch, each row from its task's teacher."""
         groups = self._rows_by_task(batch)
         out_B_T = torch.zeros(batch.input_ids_B_T.shape, dtype=torch.float32, device=batch.input_ids_B_T.device)
-        for task, rows in groups.items():
-            sub = batch.select(rows)
-            start = time.perf_counter()
-            sub_B_T = self.teachers[task].score(sub)
-            elapsed = time.perf_counter() - start
-            if tuple(sub_B_T.shape) != tuple(sub.input_ids_B_T.shape):
-                raise ValueError(f"teacher for task {task!r} returned shape {tuple(sub_B_T.shape)}, "
-                                 f"expected {tuple(sub.input_ids_B_T.shape)}")
+        if self.concurrent and len(groups) > 1:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="opdplus-routed") as pool:
+                scored = list(pool.map(lambda item: self._score_group(batch, *item), groups.items()))
+        else:
+            scored = [self._score_group(batch, task, rows) for task, rows in groups.items()]
+        for rows, sub_B_T in scored:
             index = torch.tensor(rows, dtype=torch.long, device=out_B_T.device)
             out_B_T[index] = sub_B_T.to(out_B_T.device, torch.float32)
-            self._record(task, len(rows), int(sub.loss_mask_B_T.sum()), elapsed)
         return out_B_T
+
+    def _score_group(self, batch: RolloutBatch, task: str, rows: list[int]) -> tuple[list[int], torch.Tensor]:
+        sub = batch.select(rows)
+        start = time.perf_counter()
+        sub_B_T = self.teachers[task].score(sub)
+        elapsed = time.perf_counter() - start
+        if tuple(sub_B_T.shape) != tuple(sub.input_ids_B_T.shape):
+            raise ValueError(f"teacher for task {task!r} returned shape {tuple(sub_B_T.shape)}, "
+                             f"expected {tuple(sub.input_ids_B_T.shape)}")
+        self._record(task, len(rows), int(sub.loss_mask_B_T.sum()), elapsed)
+        return rows, sub_B_T
 
     def _rows_by_task(self, batch: RolloutBatch) -> dict[str, list[int]]:
         if len(batch.tasks) != batch.batch_size:

@@ -31,9 +31,10 @@ def make_batch(tasks: list[str]) -> RolloutBatch:
                         meta=[{"row": i} for i in range(b)])
 
 
-def test_rows_go_to_their_task_teacher() -> None:
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_rows_go_to_their_task_teacher(concurrent: bool) -> None:
     math, tools = ConstantTeacher(-1.0), ConstantTeacher(-2.0)
-    routed = RoutedTeacher({"math": math, "tools": tools})
+    routed = RoutedTeacher({"math": math, "tools": tools}, concurrent=concurrent)
     batch = make_batch(["tools", "math", "tools", "math", "math"])
     got = routed.score(batch)
     want_per_row = torch.tensor([-2.0, -1.0, -2.0, -1.0, -1.0])[:, None].expand(5, 6)
