@@ -1,0 +1,194 @@
+"""Multi-process training on PyTorch's own engine: process group, DDP / FSDP2 wrapping, reductions,
+and full (world-size independent) state dicts for checkpoints.
+
+Started by ``torchrun --nproc_per_node N -m opdplus train ...`` (or ``opdplus train --nproc N``): each
+rank samples and scores its share of the step's prompts, the update divides by the number of loss
+tokens summed over all ranks, and rank 0 writes metrics and checkpoints. nccl on CUDA, gloo on CPU.
+DDP and FSDP2 average gradients over ranks; the loss is multiplied by the world size so that the
+update is the single-process update on the global batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+PARALLELISMS = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    parallelism: str = "ddp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device, parallelism: str = "ddp") -> tuple[DistContext, torch.device]:
+    """Join the process group torchrun set up (WORLD_SIZE > 1); otherwise a single-process context.
+
+    On CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl; on CPU, gloo.
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"train.parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(parallelism=parallelism), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world_size, local_rank, parallelism), device
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def shard_for_rank(items: list, ctx: DistContext) -> list:
+    """This rank's contiguous share of the step's items (the list length must divide evenly)."""
+    if len(items) % ctx.world_size:
+        raise ValueError(f"{len(items)} items cannot be split evenly over {ctx.world_size} processes")
+    share = len(items) // ctx.world_size
+    return items[ctx.rank * share:(ctx.rank + 1) * share]
+
+
+def all_reduce_sum(value: float, ctx: DistContext) -> float:
+    """Sum of a number over ranks (float64 on CPU via gloo, or on the device for nccl)."""
+    if not ctx.enabled:
+        return float(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+# How a per-rank metric combines into the global one; everything else is the mean over ranks.
+_SUM_SUFFIXES = ("_tok_s", "/tokens", "/sequences")
+_MAX_SUFFIXES = ("_max", "/peak_mem_mb", "/step_s", "/eval_s")
+_MIN_SUFFIXES = ("_min",)
+
+
+def reduce_metrics(metrics: dict[str, float], ctx: DistContext, weight: float = 1.0) -> dict[str, float]:
+    """Combine per-rank metrics: sums for throughput and counts, max / min for extremes and times, and
+    for everything else the mean over ranks weighted by ``weight`` (e.g. this rank's loss tokens)."""
+    if not ctx.enabled:
+        return dict(metrics)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, (weight, metrics))
+    total_weight = sum(w for w, _ in gathered) or float(len(gathered))
+    combined = {}
+    for key in metrics:
+        values = [m[key] for _, m in gathered]
+        if key.endswith(_SUM_SUFFIXES):
+            combined[key] = float(sum(values))
+        elif key.endswith(_MAX_SUFFIXES):
+            combined[key] = float(max(values))
+        elif key.endswith(_MIN_SUFFIXES):
+            combined[key] = float(min(values))
+        elif key.endswith("_std"):  # pooled std over ranks, from per-rank means and stds
+            mean_key = key[: -len("_std")] + "_mean"
+            if mean_key in metrics:
+                means = [m[mean_key] for _, m in gathered]
+                weights = [w if total_weight else 1.0 for w, _ in gathered]
+                pooled_mean = sum(w * mu for w, mu in zip(weights, means)) / sum(weights)
+                second = sum(w * (s * s + mu * mu) for w, s, mu in zip(weights, values, means)) / sum(weights)
+                combined[key] = math.sqrt(max(second - pooled_mean * pooled_mean, 0.0))
+            else:
+                combined[key] = float(sum(values) / len(values))
+        else:
+            combined[key] = float(sum(w * v for (w, _), v in zip(gathered, values)) / total_weight)
+    return combined
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` on every decoder layer, then the root); unchanged when single."""
+    if not ctx.enabled:
+        return model
+    if ctx.parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for module in decoder_layers(model):
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of an HF causal LM (the units FSDP shards one at a time)."""
+    from opdplus.models.forward import unwrap_model
+
+    base = unwrap_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP; use train.parallelism=ddp")
+    return list(layers)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to call for generation and saving: DDP's inner module; FSDP and plain as they are."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (a collective under FSDP: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(local_module(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, unsharded: loadable with any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(local_module(model), optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(local_module(model), optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def total_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip gradients to ``max_norm`` (inf = no clipping) and return the global norm as a float
+    (FSDP2 returns it as a DTensor, reduced over shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
