@@ -8,6 +8,7 @@ import sys
 # command name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("opdplus.check", "verify the OPD / OPD+ estimators by exact enumeration"),
+    "train": ("opdplus.train.cli", "distil a teacher into a student (on-policy, OPD / OPD+ advantages)"),
     "serve-teacher": ("opdplus.rollout.serve_command", "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API"),
 }
 

@@ -1,0 +1,79 @@
+"""Forward passes of HF causal LMs that return target-token log-probs (never full-vocab float logits).
+
+``completion_logprobs`` runs the decoder once, then the LM head in chunks over the completion
+positions only (``opdplus.ops.logprobs``). Position ids come from the attention mask, so left or
+right padding gives the same scores.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from opdplus.ops.logprobs import shifted_completion_logprobs
+
+# Config attributes that mean the logits are not plain ``lm_head(hidden)``: such models take the
+# full-logits path (correct, but it materialises [B, T, V] logits in the model's dtype).
+_LOGIT_TRANSFORM_ATTRS = ("logits_scaling", "logit_scale", "output_multiplier_scale")
+
+
+def position_ids_from_mask(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
+    return (attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft or DDP wrapper (LoRA layers stay injected)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # peft
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable, float | None] | None:
+    """(decoder, lm_head, final_logit_softcap) when logits are plain ``lm_head(decoder(x))``, else None."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORM_ATTRS):
+        return None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
+    head = base.get_output_embeddings()
+    if decoder is None or decoder is base or head is None:
+        return None
+    return decoder, head, getattr(config, "final_logit_softcapping", None)
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    input_ids_B_T: torch.Tensor,
+    attention_mask_B_T: torch.Tensor,
+    start: int,
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``logprobs_B_T[b, t] = log p_model(input_ids[b, t] | input_ids[b, :t])`` for t >= start, else 0.
+
+    Float32; differentiable when called with autograd enabled.
+    """
+    position_ids_B_T = position_ids_from_mask(attention_mask_B_T)
+    parts = decoder_and_head(model)
+    if parts is not None:
+        decoder, head, softcap = parts
+        hidden_B_T_H = decoder(
+            input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(), position_ids=position_ids_B_T,
+            use_cache=False,
+        ).last_hidden_state
+    else:
+        hidden_B_T_H = model(
+            input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(), position_ids=position_ids_B_T,
+            use_cache=False,
+        ).logits
+        head, softcap = (lambda logits: logits), None
+    return shifted_completion_logprobs(
+        hidden_B_T_H, head, input_ids_B_T, start,
+        chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap,
+    )

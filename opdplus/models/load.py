@@ -1,0 +1,131 @@
+"""Load Hugging Face causal LMs and tokenizers from local directories, or build tiny ones from a config.
+
+Nothing here downloads: a model spec is a local directory (``save_pretrained`` layout), a
+``gguf:<package>/<file.gguf>`` spec (``opdplus.models.sources``), or ``"tiny"``.
+Functions take plain arguments (no config objects); ``opdplus.train`` translates its config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
+
+TINY = "tiny"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else mps if available, else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _local_dir(spec: str, what: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} {spec!r} is not a local directory (opdplus never downloads; give a directory written by "
+            f"save_pretrained, or 'tiny' for a tiny random model)"
+        )
+    return path
+
+
+def load_tokenizer(spec: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(_local_dir(spec, "tokenizer"), local_files_only=True)
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    model: str,
+    *,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    tiny: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)``; ``model="tiny"`` builds a random Llama of shape ``tiny`` (kwargs of
+    ``build_tiny_model``) over the character tokenizer (or over ``tokenizer`` when given)."""
+    if model == TINY:
+        tok = load_tokenizer(tokenizer) if tokenizer else build_char_tokenizer()
+        lm = build_tiny_model(
+            len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            **(tiny or {}),
+        )
+    else:
+        from opdplus.models.sources import resolve_model  # local HF dir, or a gguf:<package>/<file> spec
+
+        path = Path(resolve_model(model))
+        tok = load_tokenizer(tokenizer or str(path))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), local_files_only=True)
+    return lm.to(device=device, dtype=torch_dtype(dtype)), tok
+
+
+def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str]) -> torch.nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only the adapters are trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs peft: pip install 'opdplus[lora]'") from err
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    return get_peft_model(model, config)
+
+
+def load_lora_weights(model: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """Load adapter weights saved by ``PeftModel.save_pretrained`` into an existing LoRA model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"adapter in {adapter_dir} has keys this model does not: {unexpected[:5]}")
+
+
+def model_vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output (LM head) matrix."""
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, student_model: torch.nn.Module,
+                          teacher_model: torch.nn.Module) -> None:
+    """The teacher scores the student's token ids, so both must use one vocabulary. Raises ValueError
+    with both sizes when the tokenizers differ or a model's head is smaller than the tokenizer."""
+    student_size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
+    if student_size != teacher_size:
+        raise ValueError(
+            f"vocabulary mismatch: student tokenizer has {student_size} tokens, teacher tokenizer has "
+            f"{teacher_size}; the teacher must use the student's tokenizer (cross-tokenizer distillation is "
+            "not supported)"
+        )
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"vocabulary mismatch: student and teacher tokenizers both have {student_size} tokens but map "
+            "them to different ids; the teacher must use the student's tokenizer"
+        )
+    for who, model in (("student", student_model), ("teacher", teacher_model)):
+        rows = model_vocab_size(model)
+        if rows < student_size:
+            raise ValueError(
+                f"vocabulary mismatch: the {who} model's output layer has {rows} rows but the tokenizer has "
+                f"{student_size} tokens (student model {model_vocab_size(student_model)}, teacher model "
+                f"{model_vocab_size(teacher_model)})"
+            )

@@ -1,0 +1,119 @@
+"""Log-probabilities of target tokens, computed in chunks over positions.
+
+``log p(y_t | c_t) = z_t[y_t] - logsumexp(z_t)`` with ``z_t = head(h_t)`` the logits at position t.
+Logits are formed one chunk of positions at a time, in float32, so memory is O(B*T) plus one
+[B, chunk, V] block, never a full [B, T, V] float tensor. With autograd enabled each chunk is
+recomputed in the backward pass (activation checkpointing), so the gradient path also holds only one
+chunk of logits. ``naive_target_logprobs`` is the slow twin used by the tests.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden_B_C_H: torch.Tensor,
+    targets_B_C: torch.Tensor,
+    temperature: float,
+    logit_softcap: float | None,
+) -> torch.Tensor:
+    logits_B_C_V = head(hidden_B_C_H).float()
+    if logit_softcap is not None:
+        logits_B_C_V = torch.tanh(logits_B_C_V / logit_softcap) * logit_softcap
+    if temperature != 1.0:
+        logits_B_C_V = logits_B_C_V / temperature
+    target_logits_B_C = logits_B_C_V.gather(-1, targets_B_C.unsqueeze(-1)).squeeze(-1)
+    return target_logits_B_C - torch.logsumexp(logits_B_C_V, dim=-1)
+
+
+def chunked_target_logprobs(
+    hidden_B_T_H: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    targets_B_T: torch.Tensor,
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """``logprobs_B_T[b, t] = log softmax(head(hidden[b, t]) / temperature)[targets[b, t]]`` in float32.
+
+    ``hidden_B_T_H[:, t]`` is the hidden state that predicts ``targets_B_T[:, t]`` (the caller shifts).
+    ``head`` maps [B, C, H] to logits [B, C, V] (the LM head); ``logit_softcap`` applies
+    ``c * tanh(z / c)`` first (Gemma-style final soft-capping).
+    """
+    if hidden_B_T_H.dim() != 3 or targets_B_T.shape != hidden_B_T_H.shape[:2]:
+        raise ValueError(
+            f"expected hidden_B_T_H [B, T, H] and targets_B_T [B, T], got {tuple(hidden_B_T_H.shape)} "
+            f"and {tuple(targets_B_T.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    use_checkpoint = torch.is_grad_enabled() and hidden_B_T_H.requires_grad
+    pieces = []
+    for start in range(0, hidden_B_T_H.shape[1], chunk_size):
+        hidden_B_C_H = hidden_B_T_H[:, start:start + chunk_size]
+        targets_B_C = targets_B_T[:, start:start + chunk_size]
+        if use_checkpoint:
+            piece = checkpoint(_chunk_logprobs, head, hidden_B_C_H, targets_B_C, temperature, logit_softcap,
+                               use_reentrant=False)
+        else:
+            piece = _chunk_logprobs(head, hidden_B_C_H, targets_B_C, temperature, logit_softcap)
+        pieces.append(piece)
+    if not pieces:
+        return hidden_B_T_H.new_zeros(targets_B_T.shape, dtype=torch.float32)
+    return torch.cat(pieces, dim=1)
+
+
+def naive_target_logprobs(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reference: full float32 log-softmax over [B, T, V], then gather the targets."""
+    logprobs_B_T_V = torch.log_softmax(logits_B_T_V.float() / temperature, dim=-1)
+    return logprobs_B_T_V.gather(-1, targets_B_T.unsqueeze(-1)).squeeze(-1)
+
+
+def shifted_completion_logprobs(
+    hidden_B_T_H: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    input_ids_B_T: torch.Tensor,
+    start: int,
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+) -> torch.Tensor:
+    """``out_B_T[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` for ``t >= start``, 0 for ``t < start``.
+
+    The LM head only runs on the positions that predict columns ``start..T-1`` (no prompt logits).
+    """
+    if not 1 <= start <= input_ids_B_T.shape[1]:
+        raise ValueError(f"start must be in [1, T={input_ids_B_T.shape[1]}], got {start}")
+    completion_B_C = chunked_target_logprobs(
+        hidden_B_T_H[:, start - 1:-1], head, input_ids_B_T[:, start:],
+        chunk_size=chunk_size, temperature=temperature, logit_softcap=logit_softcap,
+    )
+    prefix_B_S = completion_B_C.new_zeros(input_ids_B_T.shape[0], start)
+    return torch.cat([prefix_B_S, completion_B_C], dim=1)
+
+
+def sampling_logprobs(logits_B_V: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the distribution a sampler draws from: ``log softmax(logits / temperature)``
+    restricted to the ``top_k`` most likely tokens (0 = all) and to the smallest set whose mass reaches
+    ``top_p`` (1 = all), renormalised. Excluded tokens get -inf. Float32, shape [B, V]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logprobs_B_V = torch.log_softmax(logits_B_V.float() / temperature, dim=-1)
+    keep_B_V = torch.ones_like(logprobs_B_V, dtype=torch.bool)
+    if 0 < top_k < logprobs_B_V.shape[-1]:
+        kth_B_1 = logprobs_B_V.topk(top_k, dim=-1).values[:, -1:]
+        keep_B_V &= logprobs_B_V >= kth_B_1
+    if top_p < 1.0:
+        sorted_B_V, order_B_V = logprobs_B_V.masked_fill(~keep_B_V, float("-inf")).sort(dim=-1, descending=True)
+        mass_before_B_V = sorted_B_V.softmax(-1).cumsum(-1) - sorted_B_V.softmax(-1)
+        keep_sorted_B_V = mass_before_B_V < top_p  # the most likely token is always kept
+        keep_B_V &= torch.zeros_like(keep_B_V).scatter(-1, order_B_V, keep_sorted_B_V)
+    if keep_B_V.all():
+        return logprobs_B_V
+    return torch.log_softmax(logprobs_B_V.masked_fill(~keep_B_V, float("-inf")), dim=-1)

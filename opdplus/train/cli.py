@@ -1,0 +1,65 @@
+"""``opdplus train``: distil a teacher into a student from a YAML config (see configs/)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Keys that may change when resuming (anything else would make the resumed run differ from the original).
+RESUME_OVERRIDABLE = ("run.steps", "run.progress", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
+                      "run.tensorboard", "run.wandb", "run.threads", "eval.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML preset, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. loss.divergence=alpha loss.alpha=0.5 run.dir=runs/a")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    parser.epilog = (
+        "examples:\n  opdplus train --config configs/tiny.yaml\n"
+        "  opdplus train --config configs/tiny.yaml loss.divergence=jsd loss.estimator=opd_plus\n"
+        "  opdplus train --resume runs/tiny"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _load(args: argparse.Namespace):
+    from opdplus.train.config import ConfigError, load_config
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the config saved in the run directory; do not also pass --config")
+        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
+        if bad:
+            raise ConfigError(f"cannot change {bad[0].split('=', 1)[0]} when resuming; allowed: {', '.join(RESUME_OVERRIDABLE)}")
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume {args.resume}: no config.yaml there (is it a run directory?)")
+        return load_config(saved, [*args.overrides, f"run.dir={args.resume}"])
+    return load_config(args.config, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.config and not args.resume:
+        print("error: opdplus train needs --config FILE (try: opdplus train --config configs/tiny.yaml) "
+              "or --resume RUN_DIR", file=sys.stderr)
+        return 2
+    from opdplus.models.sources import ModelSourceError
+    from opdplus.train.checkpoint import CorruptCheckpointError
+    from opdplus.train.config import ConfigError
+    from opdplus.train.loop import RunDirError, train
+
+    try:
+        cfg = _load(args)
+        result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    except (ConfigError, RunDirError, CorruptCheckpointError, ModelSourceError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {result.run_dir}")
+    if result.checkpoint is not None:
+        print(f"checkpoint:    {result.checkpoint}/model")
+    summary = {k: v for k, v in result.metrics.items() if not k.startswith("perf/")}
+    print(json.dumps({"train": {"run_dir": str(result.run_dir), "step": result.step, "metrics": summary}}))
+    return 0

@@ -1,0 +1,64 @@
+"""The eval hook: held-out prompts -> student samples -> teacher reverse KL and task scores.
+
+Sampling uses its own generator, seeded from ``seed``, so evaluating never changes the training run's
+random stream (and a resumed run evaluates exactly like an uninterrupted one).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from opdplus.rollout.sampler import Sampler, SamplingSettings
+from opdplus.rollout.types import RolloutBatch, Teacher
+from opdplus.tasks.base import Task, TaskItem
+from opdplus.train.metrics import masked_mean
+
+
+def completion_texts(tokenizer: Any, batch: RolloutBatch) -> list[str]:
+    """Decoded completions (special tokens such as EOS dropped)."""
+    completion_B_C = batch.input_ids_B_T[:, batch.prompt_len:]
+    mask_B_C = batch.loss_mask_B_T[:, batch.prompt_len:]
+    return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(completion_B_C, mask_B_C)]
+
+
+def sequence_reverse_kl(batch: RolloutBatch) -> torch.Tensor:
+    """Per-row sampled estimate of KL(pi || q) = sum_t (log pi - log q) over the completion, [B]."""
+    log_ratio_B_T = torch.where(batch.loss_mask_B_T, batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, 0.0)
+    return log_ratio_B_T.double().sum(-1)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    teacher: Teacher,
+    tasks: dict[str, Task],
+    *,
+    num_prompts: int,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """``eval/reverse_kl`` (per token), ``eval/reverse_kl_seq`` (per completion), ``eval/score`` (mean of
+    the per-task scores ``eval/<task>/score``) and ``eval/len_mean`` on ``num_prompts`` items per task."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampler = Sampler(model, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size), generator)
+    items_by_task = {name: task.items("eval", num_prompts, seed=seed) for name, task in tasks.items()}
+    items: list[TaskItem] = [item for task_items in items_by_task.values() for item in task_items]
+    batch = sampler.sample(items)
+    batch.teacher_logprobs_B_T = teacher.score(batch)
+    texts = completion_texts(tokenizer, batch)
+    metrics: dict[str, float] = {
+        "eval/reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, batch.loss_mask_B_T),
+        "eval/reverse_kl_seq": float(sequence_reverse_kl(batch).mean()),
+        "eval/len_mean": float(batch.completion_lengths_B().double().mean()),
+    }
+    task_scores, offset = [], 0
+    for name, task_items in items_by_task.items():
+        scores = [tasks[name].score(item, text) for item, text in zip(task_items, texts[offset:])]
+        offset += len(task_items)
+        metrics[f"eval/{name}/score"] = sum(scores) / max(len(scores), 1)
+        task_scores.append(metrics[f"eval/{name}/score"])
+    metrics["eval/score"] = sum(task_scores) / len(task_scores)
+    return metrics

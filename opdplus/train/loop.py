@@ -1,0 +1,426 @@
+"""The training loop, top to bottom: sample -> score -> advantages -> loss -> optimizer step -> log ->
+eval -> checkpoint. ``train(cfg)`` is the whole of it; the helpers above it are small and testable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opdplus.models.forward import completion_logprobs
+from opdplus.models.load import apply_lora, check_same_vocabulary, load_lora_weights, load_model_and_tokenizer, resolve_device
+from opdplus.ops.advantages import advantages as compute_advantages
+from opdplus.ops.advantages import log_ratio_clip_fraction, masked_log_ratio
+from opdplus.ops.divergences import Divergence, get_divergence
+from opdplus.ops.loss import policy_loss, ratio_clip_fraction
+from opdplus.rollout.sampler import Sampler, SamplingSettings, tokenize_prompts
+from opdplus.rollout.teacher import LocalTeacher
+from opdplus.rollout.types import RolloutBatch, Teacher
+from opdplus.tasks.base import Task, TaskItem, get_task
+from opdplus.train import checkpoint as ckpt
+from opdplus.train.config import ConfigError, LossConfig, TrainConfig, divergence_kwargs, to_dict, to_yaml
+from opdplus.train.evaluate import evaluate
+from opdplus.train.metrics import (
+    MetricsWriter,
+    count_loss_tokens,
+    masked_mean,
+    masked_stats,
+    peak_memory_mb,
+    reset_peak_memory,
+    truncate_metrics,
+)
+
+
+class RunDirError(RuntimeError):
+    """The run directory exists (without --resume / --overwrite) or cannot be resumed."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]  # the last step's metrics, including its eval when there was one
+    checkpoint: Path | None
+
+
+# ---------------------------------------------------------------- building blocks
+
+def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The student model (LoRA-wrapped when enabled) and its tokenizer."""
+    s = cfg.student
+    model, tokenizer = load_model_and_tokenizer(
+        s.model, tokenizer=s.tokenizer, dtype=s.dtype, device=device, tiny=dataclasses.asdict(s.tiny)
+    )
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if s.lora.enabled:
+        model = apply_lora(model, r=s.lora.r, alpha=s.lora.alpha, dropout=s.lora.dropout,
+                           target_modules=s.lora.target_modules)
+    return model, tokenizer
+
+
+def build_teacher(cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module, device: torch.device) -> Teacher:
+    """The teacher that scores rollouts (a local HF model); checks it shares the student's vocabulary."""
+    t = cfg.teacher
+    model, tokenizer = load_model_and_tokenizer(
+        t.model, tokenizer=t.tokenizer, dtype=t.dtype, device=device, tiny=dataclasses.asdict(t.tiny)
+    )
+    try:
+        check_same_vocabulary(student_tokenizer, tokenizer, student_model, model)
+    except ValueError as err:
+        raise ConfigError(f"student.model={cfg.student.model!r}, teacher.model={t.model!r}: {err}") from None
+    return LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.loss.logprob_chunk_size)
+
+
+def build_tasks(cfg: TrainConfig, tokenizer: Any) -> dict[str, Task]:
+    """Tasks by name; renders one prompt of each so a missing chat template fails before training."""
+    tasks = {}
+    for name in cfg.data.tasks:
+        try:
+            tasks[name] = get_task(name, **cfg.data.task_options.get(name, {}))
+            tokenize_prompts(tokenizer, tasks[name].items("train", 1, seed=cfg.run.seed))
+        except ValueError as err:
+            raise ConfigError(f"data.tasks: task {name!r}: {err}") from None
+    return tasks
+
+
+def build_divergence(loss: LossConfig) -> Divergence:
+    return get_divergence(loss.divergence, **divergence_kwargs(loss))
+
+
+def sampling_settings(cfg: TrainConfig) -> SamplingSettings:
+    r = cfg.rollout
+    return SamplingSettings(max_new_tokens=r.max_new_tokens, samples_per_prompt=r.samples_per_prompt,
+                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    total = cfg.run.steps * cfg.loss.ppo_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup_steps=o.warmup_steps, total_steps=total, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def prompts_for_step(tasks: dict[str, Task], prompts_per_step: int, seed: int, step: int) -> list[TaskItem]:
+    """This step's training items, a pure function of (seed, step): resuming needs no data state.
+    Prompts are shared evenly between tasks."""
+    names = list(tasks)
+    shares = [prompts_per_step // len(names) + (i < prompts_per_step % len(names)) for i in range(len(names))]
+    return [
+        item
+        for i, (name, share) in enumerate(zip(names, shares)) if share
+        for item in tasks[name].items("train", share, seed=(seed * 1_000_003 + step) * 1_009 + i)
+    ]
+
+
+# ---------------------------------------------------------------- one update
+
+def micro_batch_slices(batch_size: int, micro_batch_size: int) -> list[slice]:
+    return [slice(i, min(i + micro_batch_size, batch_size)) for i in range(0, batch_size, micro_batch_size)]
+
+
+def trim_right_padding(batch: RolloutBatch) -> RolloutBatch:
+    """Drop trailing columns where no row has a real token (saves work on short micro-batches)."""
+    width = int(batch.attention_mask_B_T.any(0).nonzero().max()) + 1
+    width = max(width, batch.prompt_len)
+    if width == batch.input_ids_B_T.shape[1]:
+        return batch
+    cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
+    return replace(batch, input_ids_B_T=cut(batch.input_ids_B_T), attention_mask_B_T=cut(batch.attention_mask_B_T),
+                   loss_mask_B_T=cut(batch.loss_mask_B_T), sampler_logprobs_B_T=cut(batch.sampler_logprobs_B_T),
+                   teacher_logprobs_B_T=cut(batch.teacher_logprobs_B_T))
+
+
+@torch.no_grad()
+def student_logprobs_no_grad(model: torch.nn.Module, batch: RolloutBatch, *, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
+    """log pi_theta of the batch's tokens at the current weights (0 off the loss mask), [B, T]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts = []
+    for rows in micro_batch_slices(batch.batch_size, micro_batch_size):
+        mb = batch.select(rows).to(device)
+        lp = completion_logprobs(model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len, chunk_size=chunk_size)
+        parts.append(lp.where(mb.loss_mask_B_T, 0.0).cpu())
+    model.train(was_training)
+    return torch.cat(parts).to(batch.input_ids_B_T.device)
+
+
+def update_policy(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batch: RolloutBatch,
+    advantages_B_T: torch.Tensor,
+    *,
+    ppo_epochs: int = 1,
+    micro_batch_size: int = 8,
+    clip_eps: float | None = None,
+    max_grad_norm: float | None = None,
+    chunk_size: int = 256,
+) -> dict[str, float]:
+    """``ppo_epochs`` optimizer steps on ``batch``; each accumulates gradients over micro-batches with the
+    number of loss tokens in the whole batch as the normalizer, so the micro-batch size never changes
+    the update."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    normalizer = max(count_loss_tokens(batch.loss_mask_B_T), 1)
+    model.train()
+    losses, grad_norms, clip_fracs, lrs, skipped = [], [], [], [], 0
+    for _ in range(ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, clipped = 0.0, 0.0
+        for rows in micro_batch_slices(batch.batch_size, micro_batch_size):
+            mb = trim_right_padding(batch.select(rows)).to(device)
+            adv_B_T = advantages_B_T[rows, : mb.input_ids_B_T.shape[1]].to(device)
+            student_lp_B_T = completion_logprobs(model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len,
+                                                 chunk_size=chunk_size)
+            loss = policy_loss(student_lp_B_T, mb.sampler_logprobs_B_T, adv_B_T, mb.loss_mask_B_T,
+                               clip_eps=clip_eps, normalizer=normalizer)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            if clip_eps is not None:
+                frac = ratio_clip_fraction(student_lp_B_T, mb.sampler_logprobs_B_T, adv_B_T, mb.loss_mask_B_T, clip_eps)
+                clipped += float(frac) * count_loss_tokens(mb.loss_mask_B_T)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped += 1  # never apply a NaN/inf update; the step still counts for the schedule
+        scheduler.step()
+        losses.append(loss_sum)
+        grad_norms.append(grad_norm)
+        clip_fracs.append(clipped / normalizer)
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss/policy": losses[0],
+        "loss/policy_last_epoch": losses[-1],
+        "loss/grad_norm": sum(grad_norms) / len(grad_norms),
+        "loss/lr": lrs[0],
+        "loss/ratio_clip_frac": sum(clip_fracs) / len(clip_fracs),
+        "loss/skipped_steps": float(skipped),
+    }
+
+
+# ---------------------------------------------------------------- per-step metrics
+
+def divergence_metrics(divergence: Divergence, student_lp_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor,
+                       loss_mask_B_T: torch.Tensor, log_ratio_clip: float | None) -> dict[str, float]:
+    """Sampled-token estimates (per token) of the chosen divergence D_f(q || pi) and of KL(pi || q)."""
+    log_ratio_B_T = masked_log_ratio(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip).double()
+    f_B_T = divergence.f(divergence.safe_log_ratio(log_ratio_B_T))
+    raw_B_T = masked_log_ratio(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T)
+    return {
+        f"div/{divergence.name}": masked_mean(f_B_T, loss_mask_B_T),
+        "div/reverse_kl": masked_mean(-raw_B_T, loss_mask_B_T),
+        "adv/log_ratio_clip_frac": float(log_ratio_clip_fraction(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip)),
+    }
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    lengths_B = batch.completion_lengths_B().double()
+    truncated_B = batch.truncated_B if batch.truncated_B is not None else torch.zeros(batch.batch_size, dtype=torch.bool)
+    return {
+        "rollout/len_mean": float(lengths_B.mean()),
+        "rollout/len_max": float(lengths_B.max()),
+        "rollout/truncated_frac": float(truncated_B.double().mean()),
+        "rollout/tokens": float(lengths_B.sum()),
+        "rollout/sequences": float(batch.batch_size),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- RNG and run directory
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "sampler": generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["sampler"])
+
+
+def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"cannot resume {run_dir}: it has no config.yaml (not a run directory)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it or --overwrite "
+                "to start over (its contents are deleted)"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    return run_dir
+
+
+def save_student(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """HF ``save_pretrained`` layout with safetensors (for LoRA: the peft adapter) plus the tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def load_student_weights(model: torch.nn.Module, directory: Path, *, lora: bool) -> None:
+    if lora:
+        load_lora_weights(model, directory)
+        return
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Distil ``cfg.teacher`` into ``cfg.student``; writes config.yaml, metrics.jsonl and checkpoints into
+    ``cfg.run.dir``. With ``resume=True`` it continues from the newest checkpoint there."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return _train(cfg, resume=resume, overwrite=overwrite)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
+    run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+
+    student, tokenizer = build_student(cfg, device)
+    teacher = build_teacher(cfg, tokenizer, student, device)
+    tasks = build_tasks(cfg, tokenizer)
+    divergence = build_divergence(cfg.loss)
+    optimizer, scheduler = build_optimizer(student, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    settings = sampling_settings(cfg)
+    sampler = Sampler(student, tokenizer, settings, generator)
+    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+
+    start_step, last_checkpoint = 0, None
+    if resume:
+        ckpt.remove_temp_dirs(run_dir)
+        last_checkpoint = ckpt.latest_checkpoint(run_dir)
+        if last_checkpoint is not None:
+            load_student_weights(student, last_checkpoint / "model", lora=cfg.student.lora.enabled)
+            state = ckpt.load_trainer_state(last_checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state["rng"], generator)
+            start_step = int(state["step"])
+        truncate_metrics(run_dir, start_step)
+
+    writer = MetricsWriter(run_dir, total_steps=cfg.run.steps, start_step=start_step, progress=cfg.run.progress,
+                           log_every=cfg.run.log_every, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
+                           wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
+    if resume:
+        writer.message(f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at step {start_step}")
+    metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, cfg.run.steps + 1):
+            reset_peak_memory(device)
+            t0 = time.perf_counter()
+            batch = sampler.sample(prompts_for_step(tasks, cfg.data.prompts_per_step, cfg.run.seed, step))
+            _sync(device)
+            t1 = time.perf_counter()
+            batch.teacher_logprobs_B_T = teacher.score(batch)
+            _sync(device)
+            t2 = time.perf_counter()
+            # Advantages use the log-probs of the policy that sampled; with temperature / top-k / top-p
+            # the sampler's distribution is not the student's, so recompute pi_theta for the divergence.
+            rollout_student_lp = batch.sampler_logprobs_B_T if settings.is_untempered else student_logprobs_no_grad(
+                student, batch, micro_batch_size=cfg.loss.micro_batch_size, chunk_size=cfg.loss.logprob_chunk_size)
+            advantages_B_T = compute_advantages(
+                rollout_student_lp, batch.teacher_logprobs_B_T, batch.loss_mask_B_T, divergence=divergence,
+                estimator=cfg.loss.estimator, gamma=cfg.loss.gamma, log_ratio_clip=cfg.loss.log_ratio_clip)
+            update = update_policy(
+                student, optimizer, scheduler, batch, advantages_B_T, ppo_epochs=cfg.loss.ppo_epochs,
+                micro_batch_size=cfg.loss.micro_batch_size, clip_eps=cfg.loss.clip_eps,
+                max_grad_norm=cfg.optim.max_grad_norm, chunk_size=cfg.loss.logprob_chunk_size)
+            _sync(device)
+            t3 = time.perf_counter()
+
+            tokens = float(count_loss_tokens(batch.loss_mask_B_T))
+            metrics = {
+                **update,
+                **divergence_metrics(divergence, rollout_student_lp, batch.teacher_logprobs_B_T, batch.loss_mask_B_T,
+                                     cfg.loss.log_ratio_clip),
+                **{f"adv/{k}": v for k, v in masked_stats(advantages_B_T, batch.loss_mask_B_T).items()},
+                **rollout_metrics(batch),
+                "perf/sample_tok_s": tokens / max(t1 - t0, 1e-9),
+                "perf/score_tok_s": tokens / max(t2 - t1, 1e-9),
+                "perf/update_tok_s": tokens * cfg.loss.ppo_epochs / max(t3 - t2, 1e-9),
+                "perf/step_s": t3 - t0,
+                "perf/peak_mem_mb": peak_memory_mb(device),
+            }
+            if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):
+                t4 = time.perf_counter()
+                metrics.update(evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
+                                        max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size))
+                metrics["perf/eval_s"] = time.perf_counter() - t4
+            writer.log(step, metrics)
+            if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
+                last_checkpoint = ckpt.save_checkpoint(
+                    run_dir, step,
+                    write_model=lambda d: save_student(student, tokenizer, d),
+                    trainer_state={"step": step, "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": capture_rng(generator)},
+                    config_yaml=to_yaml(cfg), keep=cfg.run.keep_checkpoints,
+                )
+    finally:
+        writer.close()
+    return TrainResult(run_dir=run_dir, step=cfg.run.steps, metrics=metrics, checkpoint=last_checkpoint)

@@ -1,0 +1,125 @@
+"""Config: presets, overrides, type checks, validation errors, YAML round trip."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opdplus.train.config import (
+    ConfigError,
+    TrainConfig,
+    divergence_kwargs,
+    from_dict,
+    load_config,
+    to_dict,
+    to_yaml,
+    with_overrides,
+)
+from opdplus.train.loop import lr_factor
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_preset_loads_and_validates():
+    presets = sorted((REPO / "configs").glob("*.yaml"))
+    assert presets, "no presets in configs/"
+    for preset in presets:
+        assert isinstance(load_config(preset), TrainConfig)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(REPO / "configs/tiny.yaml", [
+        "loss.divergence=jsd", "loss.estimator=opd", "optim.lr=3e-4", "run.steps=7", "loss.log_ratio_clip=null",
+        "data.tasks=[contains]", "student.lora.enabled=true", "data.task_options={contains: {target: b}}",
+    ])
+    assert cfg.loss.divergence == "jsd" and cfg.loss.estimator == "opd"
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.run.steps == 7 and cfg.loss.log_ratio_clip is None
+    assert cfg.student.lora.enabled is True
+    assert cfg.data.task_options == {"contains": {"target": "b"}}
+
+
+def test_parameterised_divergence():
+    cfg = load_config(None, ["loss.divergence=alpha", "loss.alpha=0.5"])
+    assert divergence_kwargs(cfg.loss) == {"alpha": 0.5}
+    with pytest.raises(ConfigError, match="needs loss.alpha"):
+        load_config(None, ["loss.divergence=alpha"])
+    with pytest.raises(ConfigError, match="reverse_kl"):
+        load_config(None, ["loss.divergence=alpha", "loss.alpha=0"])  # the divergence's own message
+    with pytest.raises(ConfigError, match="only used by loss.divergence=alpha"):
+        load_config(None, ["loss.alpha=0.5"])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"'loss.divergance'.*valid keys at loss: divergence, alpha, estimator"):
+        load_config(None, ["loss.divergance=jsd"])
+    with pytest.raises(ConfigError, match=r"'lr'.*valid keys at top level: run, student, teacher"):
+        load_config(None, ["lr=0.1"])
+    with pytest.raises(ConfigError, match=r"'student.lora.rank'.*valid keys at student.lora: enabled, r, alpha"):
+        load_config(None, ["student.lora.rank=4"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=fast", r"optim.lr: expected float, got str 'fast'"),
+    ("run.steps=2.5", r"run.steps: expected int, got float 2.5"),
+    ("run.steps=true", r"run.steps: expected int, got bool True"),
+    ("student.lora.enabled=1", r"student.lora.enabled: expected bool, got int 1"),
+    ("data.tasks=contains", r"data.tasks: expected a list"),
+    ("loss=3", r"loss: expected a mapping"),
+])
+def test_wrong_types(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.divergence=kl", r"unknown; valid divergences: reverse_kl, forward_kl"),
+    ("loss.estimator=ppo", r"loss.estimator='ppo' is not one of: opd, opd_plus"),
+    ("loss.gamma=1.5", r"loss.gamma must be in \[0, 1\]"),
+    ("loss.clip_eps=1.5", r"loss.clip_eps must be in \(0, 1\)"),
+    ("rollout.temperature=0", r"rollout.temperature must be > 0"),
+    ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
+    ("run.steps=0", r"run.steps must be >= 1"),
+    ("student.dtype=fp8", r"student.dtype='fp8' is not one of: float32, bfloat16, float16"),
+    ("run.device=tpu", r"run.device='tpu'"),
+    ("optim.schedule=step", r"optim.schedule='step' is not one of"),
+    ("data.task_options={other: {}}", r"data.task_options names tasks not in data.tasks: other"),
+    ("run.progress=fancy", r"run.progress='fancy'"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["loss.divergence"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at top level"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_yaml_round_trip_is_exact(tmp_path):
+    cfg = load_config(REPO / "configs/tiny.yaml", ["loss.divergence=alpha", "loss.alpha=-0.5", "loss.log_ratio_clip=5"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert from_dict(TrainConfig, yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_config_is_frozen_and_with_overrides_copies():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.run.steps = 3  # type: ignore[misc]
+    other = with_overrides(cfg, ["run.steps=3"])
+    assert other.run.steps == 3 and cfg.run.steps == TrainConfig().run.steps
+    assert to_dict(other)["run"]["steps"] == 3
+
+
+def test_lr_schedules():
+    kw = dict(warmup_steps=2, total_steps=12, min_lr_ratio=0.1)
+    assert [lr_factor(s, schedule="constant", **kw) for s in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, schedule="linear", **kw) == pytest.approx(1.0)
+    assert lr_factor(12, schedule="linear", **kw) == pytest.approx(0.1)
+    assert lr_factor(7, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(12, schedule="cosine", **kw) == pytest.approx(0.1)
