@@ -10,6 +10,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("opdplus.check", "verify the OPD / OPD+ estimators by exact enumeration"),
     "train": ("opdplus.train.cli", "distil a teacher into a student (on-policy, OPD / OPD+ advantages)"),
     "serve-teacher": ("opdplus.rollout.serve_command", "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API"),
+    "make-student": ("opdplus.models.prune", "build a smaller student by keeping K of the teacher's decoder layers"),
+    "eval": ("opdplus.eval.command", "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4"),
 }
 
 

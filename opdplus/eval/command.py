@@ -1,0 +1,52 @@
+"""`opdplus eval --model MODEL --task TASK [--limit N] [--batch-size B] [--samples-out FILE]`.
+
+Prints the accuracy and, as the last line, one JSON object ``{"eval": {"task", "n", "accuracy"}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from opdplus.eval.runner import EVAL_TASKS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF directory or gguf:<package_module>/<file.gguf>")
+    parser.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="evaluation set")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    parser.add_argument("--samples-out", default=None, help="write one JSON line per item here")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdplus.eval.runner import evaluate, load_eval_items
+    from opdplus.models.sources import resolve_model
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device)
+    task, items = load_eval_items(args.task, tokenizer, args.limit)
+    start = time.time()
+    samples_out = open(args.samples_out, "w", encoding="utf-8") if args.samples_out else None
+    try:
+        with tqdm(total=len(items), desc=f"eval {args.task}", unit="item", file=sys.stderr) as bar:
+            result = evaluate(
+                model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, samples_out=samples_out, progress=bar.update, task_and_items=(task, items),
+            )
+    finally:
+        if samples_out is not None:
+            samples_out.close()
+    print(f"{args.task}: accuracy {result.accuracy:.4f} ({sum(s['correct'] for s in result.samples)}/{result.n}) "
+          f"model {args.model} in {time.time() - start:.0f}s")
+    print(json.dumps({"eval": {"task": result.task, "n": result.n, "accuracy": result.accuracy}}))
+    return 0
