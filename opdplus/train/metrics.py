@@ -60,21 +60,30 @@ def reset_peak_memory(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- metrics.jsonl
 
+def _parse_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) pairs; a line cut short by a crash (not valid JSON) is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parse_lines(path.read_text())] if path.exists() else []
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop lines after ``last_step`` (written by a run that died after its last checkpoint)."""
+    """Keep only complete lines up to ``last_step`` (a run that died after its last checkpoint wrote more)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
     from opdplus.train.checkpoint import atomic_write_text
 
+    kept = [line for line, record in _parse_lines(path.read_text()) if record.get("step", 0) <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -123,3 +123,14 @@ def test_lr_schedules():
     assert lr_factor(12, schedule="linear", **kw) == pytest.approx(0.1)
     assert lr_factor(7, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(12, schedule="cosine", **kw) == pytest.approx(0.1)
+
+
+def test_optional_loggers_must_be_installed():
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match=r"run.tensorboard=true needs tensorboard: pip install 'opdplus\[log\]'"):
+            load_config(None, ["run.tensorboard=true"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="run.wandb=true needs wandb"):
+            load_config(None, ["run.wandb=true"])
