@@ -16,11 +16,23 @@ TINY_RUN = [
 ]
 
 
-def tiny_train_config(run_dir: str | Path, *overrides: str):
-    """A validated ``TrainConfig`` for a tiny random student/teacher pair writing into ``run_dir``."""
+def _tiny_train_config(run_dir: str | Path, *overrides: str):
     from opdplus.train.config import load_config
 
     return load_config(None, [*TINY_RUN, f"run.dir={run_dir}", *overrides])
+
+
+@pytest.fixture
+def tiny_train_config():
+    """``tiny_train_config(run_dir, *overrides)`` -> a validated ``TrainConfig`` for a tiny random
+    student/teacher pair writing into ``run_dir``."""
+    return _tiny_train_config
+
+
+@pytest.fixture
+def tiny_run_overrides() -> list[str]:
+    """The ``key=value`` overrides behind ``tiny_train_config`` (for configs written to YAML files)."""
+    return list(TINY_RUN)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ Functions take plain arguments (no config objects); ``opdplus.train`` translates
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,12 @@ def model_vocab_size(model: torch.nn.Module) -> int:
 
 def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, student_model: torch.nn.Module,
                           teacher_model: torch.nn.Module) -> None:
-    """The teacher scores the student's token ids, so both must use one vocabulary. Raises ValueError
-    with both sizes when the tokenizers differ or a model's head is smaller than the tokenizer."""
+    """The teacher scores the student's token ids, so both must use one vocabulary.
+
+    Raises ValueError, with both sizes, when the tokenizers differ or when the teacher's output layer
+    has fewer rows than the student's (the student could sample ids the teacher cannot score). A model
+    head smaller than the tokenizer only warns (families often leave a few added tokens out of the head).
+    """
     student_size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
     if student_size != teacher_size:
         raise ValueError(
@@ -121,11 +126,14 @@ def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, studen
             f"vocabulary mismatch: student and teacher tokenizers both have {student_size} tokens but map "
             "them to different ids; the teacher must use the student's tokenizer"
         )
-    for who, model in (("student", student_model), ("teacher", teacher_model)):
-        rows = model_vocab_size(model)
-        if rows < student_size:
-            raise ValueError(
-                f"vocabulary mismatch: the {who} model's output layer has {rows} rows but the tokenizer has "
-                f"{student_size} tokens (student model {model_vocab_size(student_model)}, teacher model "
-                f"{model_vocab_size(teacher_model)})"
-            )
+    student_rows, teacher_rows = model_vocab_size(student_model), model_vocab_size(teacher_model)
+    if teacher_rows < student_rows:
+        raise ValueError(
+            f"vocabulary mismatch: the teacher model's output layer has {teacher_rows} rows but the student's has "
+            f"{student_rows}; the student could sample token ids the teacher cannot score"
+        )
+    if min(student_rows, teacher_rows) < student_size:
+        warnings.warn(
+            f"the tokenizer has {student_size} tokens but the model output layers have {student_rows} (student) "
+            f"and {teacher_rows} (teacher) rows; prompts must not contain the missing token ids", stacklevel=2,
+        )

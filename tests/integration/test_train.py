@@ -16,7 +16,6 @@ from opdplus.train.loop import build_optimizer, build_student, build_teacher, bu
 from opdplus.train.metrics import read_metrics
 from opdplus.ops.advantages import advantages
 from opdplus.rollout.sampler import Sampler, SamplingSettings
-from tests.conftest import tiny_train_config
 
 NAMESPACES = ("loss/", "div/", "adv/", "rollout/", "eval/", "perf/")
 
@@ -35,7 +34,7 @@ DIVERGENCES = [(name, ["loss.alpha=0.5"] if name == "alpha" else []) for name in
 
 @pytest.mark.parametrize("estimator", ["opd", "opd_plus"])
 @pytest.mark.parametrize("divergence,extra", DIVERGENCES, ids=[d for d, _ in DIVERGENCES])
-def test_three_steps_every_estimator_and_divergence(tmp_path, estimator, divergence, extra):
+def test_three_steps_every_estimator_and_divergence(tmp_path, estimator, divergence, extra, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", f"loss.divergence={divergence}", f"loss.estimator={estimator}", *extra)
     before = _initial_student_state(cfg)
     result = train(cfg)
@@ -49,7 +48,7 @@ def test_three_steps_every_estimator_and_divergence(tmp_path, estimator, diverge
     assert _changed(before, after), "training did not change any parameter"
 
 
-def test_artifacts_and_metric_keys(tmp_path):
+def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = tiny_train_config(tmp_path / "run", "eval.at_end=true", "eval.every=2", "run.checkpoint_every=2",
@@ -77,7 +76,7 @@ def test_artifacts_and_metric_keys(tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
-def test_off_policy_features_run_finite(tmp_path):
+def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
     """Tempered top-k/top-p sampling (advantages from a recomputed student forward), PPO epochs with
     ratio clipping, a discount, a log-ratio clip and a linear schedule with warmup."""
     cfg = tiny_train_config(tmp_path / "run", "rollout.temperature=0.8", "rollout.top_k=20", "rollout.top_p=0.95",
@@ -91,7 +90,7 @@ def test_off_policy_features_run_finite(tmp_path):
     assert rows[0]["loss/lr"] == pytest.approx(0.01)  # warmup of one optimizer step: factor 1/1
 
 
-def test_lora_run_trains_only_the_adapter(tmp_path):
+def test_lora_run_trains_only_the_adapter(tmp_path, tiny_train_config):
     from peft import PeftModel
 
     cfg = tiny_train_config(tmp_path / "run", "student.lora.enabled=true", "student.lora.r=4", "optim.lr=0.05")
@@ -111,7 +110,7 @@ def test_lora_run_trains_only_the_adapter(tmp_path):
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "base weights must stay frozen"
 
 
-def test_update_is_invariant_to_micro_batching(tmp_path):
+def test_update_is_invariant_to_micro_batching(tmp_path, tiny_train_config):
     """One optimizer step on the same batch with micro-batch sizes 8, 3 and 1 (accumulation) gives the
     same parameters: the loss normalizer is the number of loss tokens of the whole step."""
     cfg = tiny_train_config(tmp_path / "run", "data.prompts_per_step=4", "rollout.max_new_tokens=10",
@@ -148,7 +147,8 @@ def test_update_is_invariant_to_micro_batching(tmp_path):
         assert metrics["loss/grad_norm"] == pytest.approx(ref_metrics["loss/grad_norm"], rel=1e-5)
 
 
-def test_resume_in_process_matches_uninterrupted_lora(tmp_path):
+@pytest.mark.filterwarnings("ignore:sampling temperature")
+def test_resume_in_process_matches_uninterrupted_lora(tmp_path, tiny_train_config):
     """LoRA adapter, optimizer, schedule and RNG states round-trip through a checkpoint; the leftovers of
     a crash (a temp checkpoint dir, a half-written metrics line) are ignored."""
     lora = ["student.lora.enabled=true", "student.lora.r=4", "optim.lr=0.05", "run.checkpoint_every=1",
@@ -165,7 +165,7 @@ def test_resume_in_process_matches_uninterrupted_lora(tmp_path):
     assert not (tmp_path / "part" / "checkpoints" / ".tmp-step_00000003-999").exists()
 
 
-def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", "run.steps=1")
     train(cfg)
     with pytest.raises(RunDirError, match="already exists; pass --resume .* or --overwrite"):
@@ -175,7 +175,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
     assert not (tmp_path / "run" / "marker").exists()
 
 
-def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path):
+def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", "run.steps=2", "run.checkpoint_every=1", "run.keep_checkpoints=0")
     result = train(cfg)
     weights = result.checkpoint / "model" / "model.safetensors"
@@ -192,7 +192,7 @@ def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path):
         verify_checkpoint(result.checkpoint.parent / "step_00000001")
 
 
-def test_vocabulary_mismatch_is_caught_with_both_sizes(tmp_path):
+def test_vocabulary_mismatch_is_caught_with_both_sizes(tmp_path, tiny_train_config):
     from opdplus.models.tiny import build_char_tokenizer
 
     build_char_tokenizer(chars="0123456789 abc").save_pretrained(tmp_path / "small_tok")
@@ -201,14 +201,14 @@ def test_vocabulary_mismatch_is_caught_with_both_sizes(tmp_path):
         train(cfg)
 
 
-def test_teacher_model_smaller_than_vocabulary(tmp_path, tiny_model_dir):
+def test_teacher_head_smaller_than_students(tmp_path, tiny_train_config):
     from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
 
     small = build_tiny_model(50, hidden_size=32, intermediate_size=64)
     small.save_pretrained(tmp_path / "teacher")
     build_char_tokenizer().save_pretrained(tmp_path / "teacher")
     cfg = tiny_train_config(tmp_path / "run", f"teacher.model={tmp_path / 'teacher'}")
-    with pytest.raises(ConfigError, match=r"teacher model's output layer has 50 rows but the tokenizer has 102 tokens"):
+    with pytest.raises(ConfigError, match=r"teacher model's output layer has 50 rows but the student's has 102"):
         train(cfg)
 
 
@@ -222,7 +222,7 @@ class _ChatTask:
         return 0.0
 
 
-def test_missing_chat_template_is_caught_before_training(tmp_path):
+def test_missing_chat_template_is_caught_before_training(tmp_path, tiny_train_config):
     from opdplus.models.tiny import build_char_tokenizer
 
     register_task("chat_only", _ChatTask)
@@ -234,13 +234,15 @@ def test_missing_chat_template_is_caught_before_training(tmp_path):
     assert read_metrics(tmp_path / "run") == []
 
 
-def test_missing_model_directory(tmp_path):
+def test_missing_model_directory(tmp_path, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", f"student.model={tmp_path / 'nowhere'}")
-    with pytest.raises(Exception, match="nowhere"):
+    from opdplus.models.sources import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="nowhere.*neither a local HF directory"):
         train(cfg)
 
 
-def test_local_model_directory_student(tmp_path, tiny_model_dir):
+def test_local_model_directory_student(tmp_path, tiny_model_dir, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", f"student.model={tiny_model_dir}", "run.steps=1")
     result = train(cfg)
     assert math.isfinite(result.metrics["loss/policy"])

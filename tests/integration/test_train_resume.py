@@ -10,14 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 
 
-def _config(tmp_path: Path) -> Path:
-    overrides = [o for o in TINY_RUN if not o.startswith("run.steps")] + [
+def _config(tmp_path: Path, tiny_run: list[str]) -> Path:
+    overrides = [o for o in tiny_run if not o.startswith("run.steps")] + [
         f"run.steps={STEPS}", "run.checkpoint_every=3", "run.keep_checkpoints=0", "eval.every=4",
         "optim.schedule=cosine", "optim.warmup_steps=2", "rollout.temperature=0.9",  # scheduler + tempered path
     ]
@@ -45,8 +44,8 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows]
 
 
-def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
-    config = _config(tmp_path)
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, tiny_run_overrides):
+    config = _config(tmp_path, tiny_run_overrides)
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full = _train("--config", str(config), f"run.dir={full_dir}")
     victim = _train("--config", str(config), f"run.dir={killed_dir}")
