@@ -83,13 +83,20 @@ class ReasoningGymMath(_MathScoring):
         datasets: tuple[str, ...] | list[str] = DEFAULT_DATASETS,
         prompt_format: str = "chat",
         eval_percent: int = 10,
+        dataset_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``dataset_options``: reasoning-gym config kwargs per dataset, e.g.
+        ``{"chain_sum": {"min_terms": 2, "max_terms": 3, "max_digits": 2}}`` (default: its defaults)."""
         if not datasets:
             raise ValueError("math task needs at least one reasoning-gym dataset")
         math_prompt("", prompt_format)  # validate early
         self.datasets = tuple(datasets)
         self.prompt_format = prompt_format
         self.eval_percent = eval_percent
+        self.dataset_options = {name: dict(kw) for name, kw in (dataset_options or {}).items()}
+        unknown = set(self.dataset_options) - set(self.datasets)
+        if unknown:
+            raise ValueError(f"dataset_options for datasets not in {self.datasets}: {sorted(unknown)}")
 
     def items(self, split: str, n: int, seed: int = 0) -> list[TaskItem]:
         check_split(split)
@@ -100,7 +107,9 @@ class ReasoningGymMath(_MathScoring):
         sources = []
         for k, name in enumerate(self.datasets):
             rg_seed = random.Random(f"opdplus-math-{seed}-{k}-{name}").randrange(2**31)
-            sources.append((name, reasoning_gym.create_dataset(name, size=10**7, seed=rg_seed)))
+            sources.append((name, reasoning_gym.create_dataset(
+                name, size=10**7, seed=rg_seed, **self.dataset_options.get(name, {})
+            )))
         out: list[TaskItem] = []
         seen: set[str] = set()
         cursor = [0] * len(sources)

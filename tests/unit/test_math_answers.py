@@ -103,3 +103,16 @@ def test_gsm8k_and_aime25_are_eval_only():
     assert first.answer == "18" and gsm.score(first, "She makes \\boxed{18} dollars.") == 1.0
     with pytest.raises(ValueError, match="evaluation"):
         gsm.items("train", 1)
+
+
+def test_math_dataset_options_reach_reasoning_gym():
+    pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
+    from opdplus.tasks.math import ReasoningGymMath
+
+    easy = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    task = ReasoningGymMath(datasets=["chain_sum"], dataset_options={"chain_sum": easy})
+    for item in task.items("train", 20):
+        expression = item.meta["question"].split(":")[-1].rstrip("= ")
+        assert len(expression.split()) == 3 and all(len(t.lstrip("-")) == 1 for t in expression.split()[::2])
+    with pytest.raises(ValueError, match="not in"):
+        ReasoningGymMath(datasets=["chain_sum"], dataset_options={"gsm_symbolic": {}})
