@@ -78,6 +78,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     batch_size: int = 64  # rows per generate call
+    sampler: str = "hf"  # hf (transformers generate, the reference) | fast (own decode loop, same output layout)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ESTIMATORS = ("opd", "opd_plus")
 SCHEDULES = ("constant", "linear", "cosine")
 PROGRESS = ("auto", "bar", "plain", "none")
+SAMPLERS = ("hf", "fast")
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -325,6 +327,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
     _check(0.0 < rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {rollout.top_p}")
     _check(rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
+    _one_of(rollout.sampler, SAMPLERS, "rollout.sampler")
     _one_of(loss.estimator, ESTIMATORS, "loss.estimator")
     _check(0.0 <= loss.gamma <= 1.0, f"loss.gamma must be in [0, 1], got {loss.gamma}")
     _check(loss.log_ratio_clip is None or loss.log_ratio_clip > 0, "loss.log_ratio_clip must be > 0 or null")

@@ -102,6 +102,15 @@ def sampling_settings(cfg: TrainConfig) -> SamplingSettings:
                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
 
 
+def build_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, generator: torch.Generator) -> Sampler:
+    """The student sampler: HF ``generate`` (reference) or the fast decode loop; same ``RolloutBatch``."""
+    if cfg.rollout.sampler == "fast":
+        from opdplus.rollout.fast_sampler import FastSampler
+
+        return FastSampler(model, tokenizer, sampling_settings(cfg), generator)
+    return Sampler(model, tokenizer, sampling_settings(cfg), generator)
+
+
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
     if step < warmup_steps:
@@ -348,7 +357,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
     optimizer, scheduler = build_optimizer(student, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
     settings = sampling_settings(cfg)
-    sampler = Sampler(student, tokenizer, settings, generator)
+    sampler = build_sampler(cfg, student, tokenizer, generator)
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
 
     start_step, last_checkpoint = 0, None

@@ -90,6 +90,12 @@ def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
     assert rows[0]["loss/lr"] == pytest.approx(0.01)  # warmup of one optimizer step: factor 1/1
 
 
+def test_fast_sampler_backend(tmp_path, tiny_train_config):
+    result = train(tiny_train_config(tmp_path / "run", "rollout.sampler=fast", "loss.divergence=jsd"))
+    rows = read_metrics(result.run_dir)
+    assert len(rows) == 3 and all(math.isfinite(r["loss/policy"]) for r in rows)
+
+
 def test_lora_run_trains_only_the_adapter(tmp_path, tiny_train_config):
     from peft import PeftModel
 
