@@ -61,6 +61,7 @@ class TeacherConfig:
     dtype: str = "float32"
     tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=96, num_layers=3, seed=1))
     batch_size: int = 16  # rows per scoring forward pass
+    device: str | None = None  # e.g. cuda:1 to keep the teacher off the student's GPU; default: run.device
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(run.log_every >= 1, "run.log_every must be >= 1")
     _check(run.threads >= 0, "run.threads must be >= 0 (0 = torch's default)")
     _one_of(run.progress, PROGRESS, "run.progress")
-    _check(run.device == "auto" or run.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
-           f"run.device={run.device!r} is not auto, cpu, cuda, cuda:N, mps or xpu")
+    for key, device in (("run.device", run.device), ("teacher.device", cfg.teacher.device)):
+        _check(device is None or device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+               f"{key}={device!r} is not auto, cpu, cuda, cuda:N, mps or xpu")
     for side in ("student", "teacher"):
         _one_of(getattr(cfg, side).dtype, DTYPES, f"{side}.dtype")
         _check(bool(getattr(cfg, side).model), f"{side}.model must name a local model directory or 'tiny'")

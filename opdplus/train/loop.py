@@ -71,7 +71,8 @@ def build_teacher(cfg: TrainConfig, student_tokenizer: Any, student_model: torch
     """The teacher that scores rollouts (a local HF model); checks it shares the student's vocabulary."""
     t = cfg.teacher
     model, tokenizer = load_model_and_tokenizer(
-        t.model, tokenizer=t.tokenizer, dtype=t.dtype, device=device, tiny=dataclasses.asdict(t.tiny)
+        t.model, tokenizer=t.tokenizer, dtype=t.dtype, device=resolve_device(t.device) if t.device else device,
+        tiny=dataclasses.asdict(t.tiny),
     )
     try:
         check_same_vocabulary(student_tokenizer, tokenizer, student_model, model)
@@ -328,6 +329,35 @@ def load_student_weights(model: torch.nn.Module, directory: Path, *, lora: bool)
     model.load_state_dict(saved.state_dict())
 
 
+def write_checkpoint(cfg: TrainConfig, step: int, student: torch.nn.Module, tokenizer: Any,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator) -> Path:
+    return ckpt.save_checkpoint(
+        Path(cfg.run.dir), step,
+        write_model=lambda d: save_student(student, tokenizer, d),
+        trainer_state={"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "rng": capture_rng(generator)},
+        config_yaml=to_yaml(cfg), keep=cfg.run.keep_checkpoints,
+    )
+
+
+def restore_checkpoint(run_dir: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       generator: torch.Generator, *, lora: bool) -> tuple[int, Path | None]:
+    """Load the newest (verified) checkpoint into the freshly built objects; returns (step, checkpoint).
+    Leftovers of an interrupted save are removed and metrics logged after the checkpoint are dropped."""
+    ckpt.remove_temp_dirs(run_dir)
+    checkpoint = ckpt.latest_checkpoint(run_dir)
+    step = 0
+    if checkpoint is not None:
+        load_student_weights(student, checkpoint / "model", lora=lora)
+        state = ckpt.load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], generator)
+        step = int(state["step"])
+    truncate_metrics(run_dir, step)
+    return step, checkpoint
+
+
 # ---------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
@@ -362,16 +392,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
 
     start_step, last_checkpoint = 0, None
     if resume:
-        ckpt.remove_temp_dirs(run_dir)
-        last_checkpoint = ckpt.latest_checkpoint(run_dir)
-        if last_checkpoint is not None:
-            load_student_weights(student, last_checkpoint / "model", lora=cfg.student.lora.enabled)
-            state = ckpt.load_trainer_state(last_checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            restore_rng(state["rng"], generator)
-            start_step = int(state["step"])
-        truncate_metrics(run_dir, start_step)
+        start_step, last_checkpoint = restore_checkpoint(run_dir, student, optimizer, scheduler, generator,
+                                                         lora=cfg.student.lora.enabled)
 
     writer = MetricsWriter(run_dir, total_steps=cfg.run.steps, start_step=start_step, progress=cfg.run.progress,
                            log_every=cfg.run.log_every, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
@@ -423,13 +445,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
                 metrics["perf/eval_s"] = time.perf_counter() - t4
             writer.log(step, metrics)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
-                last_checkpoint = ckpt.save_checkpoint(
-                    run_dir, step,
-                    write_model=lambda d: save_student(student, tokenizer, d),
-                    trainer_state={"step": step, "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": capture_rng(generator)},
-                    config_yaml=to_yaml(cfg), keep=cfg.run.keep_checkpoints,
-                )
+                last_checkpoint = write_checkpoint(cfg, step, student, tokenizer, optimizer, scheduler, generator)
     finally:
         writer.close()
     return TrainResult(run_dir=run_dir, step=cfg.run.steps, metrics=metrics, checkpoint=last_checkpoint)
