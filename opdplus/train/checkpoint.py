@@ -161,7 +161,7 @@ def load_trainer_state(path: Path, map_location: str | torch.device = "cpu") -> 
 def remove_temp_dirs(run_dir: Path) -> list[Path]:
     """Delete leftovers of interrupted saves (``.tmp-*``, ``.old-*``); returns what was removed."""
     root = Path(run_dir) / CHECKPOINTS
-    removed = [p for p in root.glob(".tmp-*")] + [p for p in root.glob(".old-*")] if root.is_dir() else []
+    removed = [*root.glob(".tmp-*"), *root.glob(".old-*")] if root.is_dir() else []
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed

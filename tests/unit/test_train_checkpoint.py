@@ -1,0 +1,70 @@
+"""Atomic checkpoints: manifest verification, pruning, leftovers of interrupted saves."""
+import json
+
+import pytest
+import torch
+
+from opdplus.train import checkpoint as ckpt
+
+
+def _save(run_dir, step, payload=b"weights", keep=0):
+    def write_model(directory):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(payload)
+
+    return ckpt.save_checkpoint(run_dir, step, write_model=write_model, trainer_state={"step": step, "x": torch.ones(2)},
+                                config_yaml="run: {}\n", keep=keep)
+
+
+def test_save_verify_load(tmp_path):
+    path = _save(tmp_path, 7)
+    assert path == tmp_path / "checkpoints" / "step_00000007"
+    manifest = ckpt.verify_checkpoint(path)
+    assert manifest["step"] == 7
+    assert set(manifest["files"]) == {"model/model.safetensors", "trainer_state.pt", "config.yaml"}
+    state = ckpt.load_trainer_state(path)
+    assert state["step"] == 7 and torch.equal(state["x"], torch.ones(2))
+    assert ckpt.latest_checkpoint(tmp_path) == path
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_keep_prunes_oldest_and_resave_replaces(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    _save(tmp_path, 3, payload=b"new weights", keep=2)
+    assert (ckpt.checkpoint_dir(tmp_path, 3) / "model" / "model.safetensors").read_bytes() == b"new weights"
+    ckpt.verify_checkpoint(ckpt.checkpoint_dir(tmp_path, 3))
+
+
+def test_damage_is_detected_and_named(tmp_path):
+    _save(tmp_path, 1)
+    path = _save(tmp_path, 2)
+    (path / "model" / "model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"):
+        ckpt.verify_checkpoint(path)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"previous one is .*step_00000001"):
+        ckpt.latest_checkpoint(tmp_path)
+    (path / "config.yaml").unlink()
+    with pytest.raises(ckpt.CorruptCheckpointError, match="file config.yaml is missing"):
+        ckpt.verify_checkpoint(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="unreadable manifest.json"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_interrupted_save_leaves_only_an_ignored_temp_dir(tmp_path):
+    _save(tmp_path, 1)
+
+    def crash(directory):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, write_model=crash, trainer_state={}, config_yaml="")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_dir(tmp_path, 1)
+    removed = ckpt.remove_temp_dirs(tmp_path)
+    assert [p.name for p in removed] == [f".tmp-step_00000002-{__import__('os').getpid()}"]
+    assert json.loads((ckpt.checkpoint_dir(tmp_path, 1) / "manifest.json").read_text())["step"] == 1
