@@ -1,4 +1,4 @@
-"""Atomic checkpoints: manifest verification, pruning, leftovers of interrupted saves."""
+"""Run outputs: atomic checkpoints (manifest verification, pruning, interrupted saves) and metrics.jsonl."""
 import json
 
 import pytest
@@ -68,3 +68,29 @@ def test_interrupted_save_leaves_only_an_ignored_temp_dir(tmp_path):
     removed = ckpt.remove_temp_dirs(tmp_path)
     assert [p.name for p in removed] == [f".tmp-step_00000002-{__import__('os').getpid()}"]
     assert json.loads((ckpt.checkpoint_dir(tmp_path, 1) / "manifest.json").read_text())["step"] == 1
+
+
+def test_metrics_writer_plain_lines_bar_and_truncation(tmp_path):
+    import io
+
+    from opdplus.train.metrics import MetricsWriter, read_metrics, truncate_metrics
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    plain, terminal = io.StringIO(), Terminal()
+    for stream, sub in ((plain, "plain"), (terminal, "bar")):
+        run_dir = tmp_path / sub
+        run_dir.mkdir()
+        writer = MetricsWriter(run_dir, total_steps=4, progress="auto", log_every=2, stream=stream)
+        for step in range(1, 5):
+            writer.log(step, {"loss/policy": 1.0 / step, "div/reverse_kl": torch.tensor(0.5), "adv/max": float("inf")})
+        writer.close()
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["div/reverse_kl"] == 0.5
+        assert rows[0]["adv/max"] == "inf"  # JSON has no inf; kept visible as a string
+        truncate_metrics(run_dir, 2)
+        assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+    assert plain.getvalue().splitlines() == ["step 2/4 loss=0.5 rkl=0.5", "step 4/4 loss=0.25 rkl=0.5"]
+    assert "4/4" in terminal.getvalue() and "loss=0.25" in terminal.getvalue()
