@@ -5,7 +5,7 @@ variants run alternately (A, B, C, A, B, C, ...) in one process; the median seco
 as completion tokens/s. The compiled variant's first call (compilation) is timed separately and excluded.
 Last line: ``{"bench": {"sampler": {"fast_over_hf": ..., "compiled_over_fast": ...}}}`` (> 1 = faster).
 
-    python bench/sampler.py [--quick] [--device cuda] [--no-compile]
+    python bench/sampler.py [--quick] [--device cuda] [--compile | --no-compile]
 """
 from __future__ import annotations
 
@@ -85,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time FastSampler(compile=True) (default: on, off with --quick: it compiles for ~1 min)")
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.compile is None:
+        args.compile = not args.quick
 
     model, tokenizer, prompts = build(args)
     samplers = make_samplers(model, tokenizer, args)

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-teacher": ("opdplus.rollout.serve_command", "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API"),
     "make-student": ("opdplus.models.prune", "build a smaller student by keeping K of the teacher's decoder layers"),
     "eval": ("opdplus.eval.command", "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4"),
+    "bench": ("opdplus.bench_command", "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON"),
 }
 
 
