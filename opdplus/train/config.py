@@ -114,6 +114,7 @@ class EvalConfig:
     num_prompts: int = 8  # held-out items per task
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     seed: int = 1234  # eval sampling has its own generator: it never perturbs training
+    score_decoding: str = "sample"  # task scores of the temperature-1 samples (sample) or of greedy completions
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(optim.max_grad_norm is None or optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
     _check(cfg.eval.every >= 0, "eval.every must be >= 0 (0 = only at the end)")
     _check(cfg.eval.num_prompts >= 1, "eval.num_prompts must be >= 1")
+    _one_of(cfg.eval.score_decoding, ("sample", "greedy"), "eval.score_decoding")
     _check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 or null")
     if run.tensorboard:
         _check(_installed("torch.utils.tensorboard") and _installed("tensorboard"),

@@ -5,6 +5,7 @@ random stream (and a resumed run evaluates exactly like an uninterrupted one).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,6 +29,17 @@ def sequence_reverse_kl(batch: RolloutBatch) -> torch.Tensor:
     return log_ratio_B_T.double().sum(-1)
 
 
+def task_scores(tasks: dict[str, Task], items_by_task: dict[str, list[TaskItem]], texts: list[str]) -> dict[str, float]:
+    """``eval/<task>/score`` per task (texts aligned with the items, task by task) and their mean ``eval/score``."""
+    metrics, offset = {}, 0
+    for name, task_items in items_by_task.items():
+        scores = [tasks[name].score(item, text) for item, text in zip(task_items, texts[offset:])]
+        offset += len(task_items)
+        metrics[f"eval/{name}/score"] = sum(scores) / max(len(scores), 1)
+    metrics["eval/score"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -38,27 +50,29 @@ def evaluate(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 64,
+    score_decoding: str = "sample",
+    sampler_cls: type = Sampler,
 ) -> dict[str, float]:
-    """``eval/reverse_kl`` (per token), ``eval/reverse_kl_seq`` (per completion), ``eval/score`` (mean of
-    the per-task scores ``eval/<task>/score``) and ``eval/len_mean`` on ``num_prompts`` items per task."""
+    """``eval/reverse_kl`` (per token), ``eval/reverse_kl_seq`` (per completion) and ``eval/len_mean`` on
+    student samples (temperature 1) for ``num_prompts`` items per task, and task scores (``eval/<task>/score``,
+    mean ``eval/score``) of those samples, or of greedy completions when ``score_decoding="greedy"``."""
+    if score_decoding not in ("sample", "greedy"):
+        raise ValueError(f"score_decoding must be sample or greedy, got {score_decoding!r}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    sampler = Sampler(model, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size), generator)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     items_by_task = {name: task.items("eval", num_prompts, seed=seed) for name, task in tasks.items()}
     items: list[TaskItem] = [item for task_items in items_by_task.values() for item in task_items]
-    batch = sampler.sample(items)
+    batch = sampler_cls(model, tokenizer, settings, generator).sample(items)
     batch.teacher_logprobs_B_T = teacher.score(batch)
-    texts = completion_texts(tokenizer, batch)
-    metrics: dict[str, float] = {
+    if score_decoding == "greedy":
+        greedy = sampler_cls(model, tokenizer, replace(settings, top_k=1), generator).sample(items)
+        texts = completion_texts(tokenizer, greedy)
+    else:
+        texts = completion_texts(tokenizer, batch)
+    return {
         "eval/reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, batch.loss_mask_B_T),
         "eval/reverse_kl_seq": float(sequence_reverse_kl(batch).mean()),
         "eval/len_mean": float(batch.completion_lengths_B().double().mean()),
+        **task_scores(tasks, items_by_task, texts),
     }
-    task_scores, offset = [], 0
-    for name, task_items in items_by_task.items():
-        scores = [tasks[name].score(item, text) for item, text in zip(task_items, texts[offset:])]
-        offset += len(task_items)
-        metrics[f"eval/{name}/score"] = sum(scores) / max(len(scores), 1)
-        task_scores.append(metrics[f"eval/{name}/score"])
-    metrics["eval/score"] = sum(task_scores) / len(task_scores)
-    return metrics

@@ -103,13 +103,13 @@ def sampling_settings(cfg: TrainConfig) -> SamplingSettings:
                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
 
 
-def build_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, generator: torch.Generator) -> Sampler:
-    """The student sampler: HF ``generate`` (reference) or the fast decode loop; same ``RolloutBatch``."""
-    if cfg.rollout.sampler == "fast":
+def sampler_class(name: str) -> type:
+    """``hf``: HF ``generate`` (the reference); ``fast``: our decode loop. Both give the same ``RolloutBatch``."""
+    if name == "fast":
         from opdplus.rollout.fast_sampler import FastSampler
 
-        return FastSampler(model, tokenizer, sampling_settings(cfg), generator)
-    return Sampler(model, tokenizer, sampling_settings(cfg), generator)
+        return FastSampler
+    return Sampler
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -387,7 +387,7 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
     optimizer, scheduler = build_optimizer(student, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
     settings = sampling_settings(cfg)
-    sampler = build_sampler(cfg, student, tokenizer, generator)
+    sampler = sampler_class(cfg.rollout.sampler)(student, tokenizer, settings, generator)
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
 
     start_step, last_checkpoint = 0, None
@@ -441,7 +441,9 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
             if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):
                 t4 = time.perf_counter()
                 metrics.update(evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
-                                        max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size))
+                                        max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size,
+                                        score_decoding=cfg.eval.score_decoding,
+                                        sampler_cls=sampler_class(cfg.rollout.sampler)))
                 metrics["perf/eval_s"] = time.perf_counter() - t4
             writer.log(step, metrics)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:

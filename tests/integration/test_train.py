@@ -91,9 +91,11 @@ def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
 
 
 def test_fast_sampler_backend(tmp_path, tiny_train_config):
-    result = train(tiny_train_config(tmp_path / "run", "rollout.sampler=fast", "loss.divergence=jsd"))
+    result = train(tiny_train_config(tmp_path / "run", "rollout.sampler=fast", "loss.divergence=jsd", "eval.at_end=true",
+                                     "eval.score_decoding=greedy"))
     rows = read_metrics(result.run_dir)
     assert len(rows) == 3 and all(math.isfinite(r["loss/policy"]) for r in rows)
+    assert math.isfinite(rows[-1]["eval/reverse_kl"]) and "eval/contains/score" in rows[-1]
 
 
 def test_lora_run_trains_only_the_adapter(tmp_path, tiny_train_config):

@@ -116,3 +116,44 @@ def test_local_teacher_is_frozen_and_scores_like_a_forward(tok):
     assert scores.shape == batch.input_ids_B_T.shape and not scores.requires_grad
     expected = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len)
     torch.testing.assert_close(scores, expected.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0)
+
+
+class _ExactTextTask:
+    """Scores 1 when the completion equals ``expected[prompt]``."""
+    name = "exact_text"
+
+    def __init__(self, expected):
+        self.expected = expected
+
+    def items(self, split, n, seed=0):
+        prompts = sorted(self.expected)
+        return [TaskItem(id=f"{split}-{i}", task=self.name, prompt=prompts[i % len(prompts)]) for i in range(n)]
+
+    def score(self, item, completion):
+        return float(completion == self.expected[item.prompt])
+
+
+def _greedy_text(model, tok, prompt, max_new_tokens):
+    ids = tok(prompt).input_ids
+    for _ in range(max_new_tokens):
+        next_id = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(next_id)
+        if next_id == tok.eos_token_id:
+            break
+    return tok.decode(ids[len(tok(prompt).input_ids):], skip_special_tokens=True)
+
+
+def test_eval_hook_scores_greedy_or_sampled_completions(student, tok):
+    from opdplus.train.evaluate import evaluate
+
+    with torch.no_grad():
+        expected = {p: _greedy_text(student, tok, p, 6) for p in ("hello", "abc", "count: 1")}
+    task = _ExactTextTask(expected)
+    teacher = LocalTeacher(build_tiny_model(len(tok), hidden_size=32, intermediate_size=64, seed=5))
+    kwargs = dict(num_prompts=6, max_new_tokens=6, seed=0)
+    greedy = evaluate(student, tok, teacher, {"exact_text": task}, score_decoding="greedy", **kwargs)
+    sampled = evaluate(student, tok, teacher, {"exact_text": task}, **kwargs)
+    assert greedy["eval/exact_text/score"] == 1.0 == greedy["eval/score"]
+    assert sampled["eval/score"] < 1.0
+    assert greedy["eval/reverse_kl"] == sampled["eval/reverse_kl"] > 0  # KL always from temperature-1 samples
+    assert evaluate(student, tok, teacher, {"exact_text": task}, **kwargs) == sampled  # own generator: repeatable
