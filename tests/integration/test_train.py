@@ -2,6 +2,7 @@
 update to micro-batching, artifacts, and each configuration error."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,10 +262,11 @@ def test_cli(tmp_path, capsys):
 
     assert main(["train"]) == 2
     assert "needs --config FILE" in capsys.readouterr().err
-    assert main(["train", "--config", "configs/tiny.yaml", "loss.divergance=jsd"]) == 2
+    preset = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    assert main(["train", "--config", preset, "loss.divergance=jsd"]) == 2
     assert "valid keys at loss" in capsys.readouterr().err
     run_dir = tmp_path / "cli_run"
-    args = ["train", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "run.steps=2", "rollout.max_new_tokens=6",
+    args = ["train", "--config", preset, f"run.dir={run_dir}", "run.steps=2", "rollout.max_new_tokens=6",
             "eval.every=0", "eval.num_prompts=2", "run.progress=plain"]
     assert main(args) == 0
     out = capsys.readouterr()
