@@ -90,6 +90,37 @@ def update_flops(model, batch: int, seq: int, prompt: int) -> tuple[float, float
     return float(dense), float(attention)
 
 
+def phase_seconds(model, rollout, advantages, device: str, fused: bool) -> dict[str, float]:
+    """Forward, backward and optimizer seconds of one update built from the loop's pieces (chunked
+    log-probs, policy loss, grad clipping, AdamW with ``fused`` as given): what bounds the update."""
+    import torch
+
+    from opdplus.models.forward import completion_logprobs
+    from opdplus.ops.loss import policy_loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    times = {}
+    for _ in range(2):  # the first pass allocates optimizer state; keep the second
+        sync(device)
+        start = time.perf_counter()
+        student_lp = completion_logprobs(model, rollout.input_ids_B_T.to(device), rollout.attention_mask_B_T.to(device),
+                                         rollout.prompt_len)
+        loss = policy_loss(student_lp, rollout.sampler_logprobs_B_T.to(device), advantages.to(device),
+                           rollout.loss_mask_B_T.to(device))
+        sync(device)
+        forward_done = time.perf_counter()
+        loss.backward()
+        sync(device)
+        backward_done = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times = {"forward": forward_done - start, "backward": backward_done - forward_done,
+                 "optimizer": time.perf_counter() - backward_done}
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -129,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append(update())
     dense, attention = update_flops(model, args.batch, args.seq, args.prompt)
     peak, step_s = max(peaks), median(seconds)
+    phases = {fused: phase_seconds(model, rollout, advantages, args.device, fused) for fused in (False, True)}
     achieved, achieved_attn = dense / step_s, (dense + attention) / step_s
     params = sum(p.numel() for p in model.parameters())
     print(f"update-step FLOP/s: {params / 1e6:.1f}M-parameter student, batch {args.batch} x {args.seq} tokens "
@@ -142,11 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         ["fraction of peak (6N)", achieved / peak],
         ["fraction of peak (6N + attention)", achieved_attn / peak],
     ]))
+    base = phases[False]
+    print("phases of one update (loop pieces; forward = 2N, backward = 4N of the 6N FLOPs):")
+    print(format_table(["phase", "seconds", "fraction of peak"], [
+        ["forward", base["forward"], dense / 3 / base["forward"] / peak],
+        ["backward", base["backward"], dense * 2 / 3 / base["backward"] / peak],
+        ["optimizer (AdamW, for-each/loop)", base["optimizer"], "-"],
+        ["optimizer (AdamW, fused=True)", phases[True]["optimizer"], "-"],
+    ]))
     emit("flops", {
         "fraction_of_peak": round(achieved / peak, 4),
         "fraction_of_peak_with_attention": round(achieved_attn / peak, 4),
         "update_gflops": round(achieved / 1e9, 2), "peak_gflops": round(peak / 1e9, 2), "update_step_s": round(step_s, 4),
         "params_m": round(params / 1e6, 2),
+        "phases_s": {**{k: round(v, 4) for k, v in base.items()}, "optimizer_fused": round(phases[True]["optimizer"], 4)},
         "config": {**MODEL, **{k: getattr(args, k) for k in (*FULL, "device", "threads")}, "dtype": str(dtype)},
     })
     return 0
