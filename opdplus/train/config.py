@@ -202,8 +202,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise ConfigError listing valid ones."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict over ``base`` (default: ``cls()``); a partial nested
+    section keeps the other values of its field's default. Unknown keys raise ConfigError listing valid ones."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -212,7 +213,14 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; valid keys at {section}: {', '.join(names)}"
         )
-    return cls(**{k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()})
+    base = cls() if base is None else base
+    values = {}
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            values[key] = from_dict(hints[key], value, prefix=f"{prefix}{key}.", base=getattr(base, key))
+        else:
+            values[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return dataclasses.replace(base, **values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -38,6 +38,14 @@ def test_overrides_are_typed_and_nested():
     assert cfg.data.task_options == {"contains": {"target": "b"}}
 
 
+def test_partial_nested_section_keeps_the_fields_own_defaults():
+    cfg = load_config(None, ["teacher.tiny.hidden_size=32"])
+    default_teacher = TrainConfig().teacher.tiny
+    assert cfg.teacher.tiny.hidden_size == 32
+    assert (cfg.teacher.tiny.seed, cfg.teacher.tiny.num_layers) == (default_teacher.seed, default_teacher.num_layers)
+    assert cfg.teacher.tiny.seed != cfg.student.tiny.seed  # teacher and student differ by default
+
+
 def test_parameterised_divergence():
     cfg = load_config(None, ["loss.divergence=alpha", "loss.alpha=0.5"])
     assert divergence_kwargs(cfg.loss) == {"alpha": 0.5}
