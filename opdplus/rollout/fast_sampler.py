@@ -10,11 +10,14 @@ because it skips ``generate``'s per-step machinery and wasted work:
 * **Ragged prompts without waste**: prompts are left-padded once for the prefill with position ids
   ``mask.cumsum - 1``; only the last position goes through the LM head (``logits_to_keep=1``); a row that
   emits EOS is dropped from the batch (and from the cache), so finished rows cost nothing.
+* **Direct decode step** (``DirectDecoder``) for Llama-family models (llama, mistral, qwen2, qwen3): each
+  step calls the model's own modules (LoRA layers included) without HF's per-call mask building and
+  output plumbing; other models use their HF forward with the same cache.
 * Tokens are drawn from the same distribution as ``Sampler`` (``sampling_logprobs``, the sampler's own
   generator) by inverse-CDF sampling, ~8x cheaper than ``torch.multinomial`` on CPU; the drawn token's
   log-prob is recorded (greedy = ``top_k=1``).
-* ``compile=True`` wraps the decode forward in ``torch.compile(dynamic=True)``. On CPU it does not pay
-  off for small models (see ``bench/sampler.py``), so it is off by default.
+* ``compile=True`` wraps the decode step in ``torch.compile(dynamic=True)``. Measured on CPU
+  (``bench/sampler.py``) it gains a few percent after a compile of tens of seconds, so it is off by default.
 
 The random stream therefore differs from ``Sampler``'s (same distribution, different draws); greedy
 decoding gives the same tokens as HF ``generate``.
