@@ -268,7 +268,10 @@ class FastSampler:
     def _draw(self, logits_b_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A token per row from the sampler's distribution, and its log-prob under that distribution."""
         s = self.settings
-        logprobs_b_V = sampling_logprobs(logits_b_V, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        if s.is_untempered:  # the student's own distribution: skip sampling_logprobs' filtering passes
+            logprobs_b_V = torch.log_softmax(logits_b_V.float(), dim=-1)
+        else:
+            logprobs_b_V = sampling_logprobs(logits_b_V, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         token_b = inverse_cdf_sample(logprobs_b_V, self.generator)
         return token_b, logprobs_b_V.gather(-1, token_b[:, None]).squeeze(-1)
 
