@@ -3,7 +3,7 @@
 Both tasks are seeded and unlimited, use plain-text prompts (no chat template) and have exact
 scorers that never raise on malformed output.
 
-* ``synthetic_math``: 2-3 step arithmetic word problems with small numbers (all values 0..20)::
+* ``synthetic_math``: 2-3 step arithmetic word problems with small numbers (all values 0..12)::
 
       Q: Ann has 5 pens. Ann finds 3. Ann loses 2. How many pens does Ann have?
       A: 5 + 3 = 8. 8 - 2 = 6. #### 6
@@ -34,7 +34,8 @@ from opdplus.tasks.base import TaskItem, register_task
 
 SPLITS = ("train", "eval")
 EVAL_BUCKETS = 5  # one problem in EVAL_BUCKETS belongs to the eval split
-MAX_VALUE = 20  # every number in a math problem (inputs, intermediates, answer) is in 0..MAX_VALUE
+MAX_VALUE = 12  # every number in a math problem (inputs, intermediates, answer) is in 0..MAX_VALUE
+MAX_AMOUNT = 5  # the amount added or removed in one step is in 1..MAX_AMOUNT
 
 
 def split_of(prompt: str) -> str:
@@ -87,12 +88,12 @@ def make_math_problem(rng: random.Random) -> TaskItem:
     for _ in range(rng.randint(2, 3)):
         can_add = value + 1 <= MAX_VALUE
         if can_add and (value == 0 or rng.random() < 0.5):
-            amount = rng.randint(1, min(9, MAX_VALUE - value))
+            amount = rng.randint(1, min(MAX_AMOUNT, MAX_VALUE - value))
             sentences.append(f"{name} {rng.choice(MATH_GAIN_VERBS)} {amount}.")
             steps.append(f"{value} + {amount} = {value + amount}.")
             value += amount
         else:
-            amount = rng.randint(1, min(9, value))
+            amount = rng.randint(1, min(MAX_AMOUNT, value))
             sentences.append(f"{name} {rng.choice(MATH_LOSS_VERBS)} {amount}.")
             steps.append(f"{value} - {amount} = {value - amount}.")
             value -= amount

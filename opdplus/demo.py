@@ -1,0 +1,126 @@
+"""`opdplus demo`: OPD vs OPD+ on the synthetic math and tool-use world, in minutes on a CPU.
+
+1. Builds (or loads) the cached demo world: a teacher at >= 95% and a pruned student well below it.
+2. Distils the same starting student with ``opd`` and ``opd_plus`` for reverse KL, forward KL and
+   JSD: same seed, same budget, two runs at a time (one CPU thread each).
+3. Evaluates every final student on held-out problems (greedy accuracy per task, exact reverse KL
+   to the teacher), prints a table, writes ``report.md`` and ``curves.png`` into the run directory
+   and prints, as its last line, one JSON object ``{"demo": {...}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ESTIMATORS = ("opd", "opd_plus")
+
+# The distillation config of every demo run (a complete `opdplus train` config; models are filled in).
+DEMO_TRAIN: dict[str, Any] = {
+    "run": {"steps": 60, "seed": 0, "device": "cpu", "threads": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
+            "progress": "none"},
+    "student": {"model": "world:student"},
+    "teacher": {"model": "world:teacher", "batch_size": 64},
+    "data": {"tasks": ["synthetic_math", "synthetic_tool_use"], "prompts_per_step": 16},
+    "rollout": {"max_new_tokens": 40, "samples_per_prompt": 2, "temperature": 1.0, "batch_size": 64},
+    "loss": {"gamma": 0.0, "log_ratio_clip": None, "ppo_epochs": 1, "micro_batch_size": 32},
+    "optim": {"lr": 1e-3, "warmup_steps": 5, "schedule": "constant", "max_grad_norm": 1.0},
+    "eval": {"every": 10, "num_prompts": 32, "at_end": True},
+}
+
+
+def demo_train_config(steps: int, lr: float | None = None) -> dict[str, Any]:
+    train = copy.deepcopy(DEMO_TRAIN)
+    train["run"]["steps"] = steps
+    if lr is not None:
+        train["optim"]["lr"] = lr
+    return train
+
+
+def teacher_accuracy(info: dict, teacher, tokenizer, eval_items: int) -> dict[str, float]:
+    """The teacher's greedy held-out accuracy: from ``world.json`` when it was measured on the same
+    items, else measured now."""
+    from opdplus.world import evaluate
+
+    accuracy = info["teacher"]["eval_accuracy"]
+    if info["spec"]["eval_items"] != eval_items:
+        accuracy = evaluate(teacher, tokenizer, tuple(accuracy), n=eval_items, seed=0)
+    return {"math_acc": round(accuracy["synthetic_math"], 4), "tool_acc": round(accuracy["synthetic_tool_use"], 4)}
+
+
+def demo_summary(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last-line JSON: teacher, starting student and one entry per run."""
+    keep = ("math_acc", "tool_acc", "reverse_kl")
+    teacher, start = rows
+    return {"demo": {
+        "teacher": {k: teacher[k] for k in ("math_acc", "tool_acc")},
+        "student_start": {k: start[k] for k in keep},
+        "runs": {r["method"]: {**{k: r[k] for k in keep}, "steps": r["steps"], "wall_s": r["wall_s"]} for r in results},
+    }}
+
+
+def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+    print(f"{'method':22s} {'math acc':>9s} {'tool acc':>9s} {'rev. KL':>9s} {'steps':>6s} {'wall s':>7s}")
+    for row in rows:
+        print(f"{row['method']:22s} {row['math_acc']:9.3f} {row['tool_acc']:9.3f} {row['reverse_kl']:9.4f} {'':>6s} {'':>7s}")
+    for r in results:
+        print(f"{r['method']:22s} {r['math_acc']:9.3f} {r['tool_acc']:9.3f} {r['reverse_kl']:9.4f} {r['steps']:6d} {r['wall_s']:7.0f}")
+
+
+def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, lr: float | None = None,
+             world_root: Path | None = None) -> dict[str, Any]:
+    """The whole demo; returns the summary printed as the last line."""
+    import torch
+
+    from opdplus.report import write_report
+    from opdplus.sweep import evaluate_student, expand_grid, load_model, resolve_world_models, run_grid
+    from opdplus.world import ensure_world, load_world_info
+
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    paths = ensure_world(world_root)
+    info = load_world_info(paths)
+    print(f"world: teacher {paths.teacher}\n       student {paths.student}")
+    out.mkdir(parents=True, exist_ok=True)
+    student, tokenizer = load_model(paths.student)
+    teacher, _ = load_model(paths.teacher)
+    start = evaluate_student(student, teacher, tokenizer, items=eval_items)
+    # the teacher's reverse KL to itself is 0
+    rows = [{"method": "teacher", **teacher_accuracy(info, teacher, tokenizer, eval_items), "reverse_kl": 0.0},
+            {"method": "student (start)", **start}]
+    print(f"starting student: math {start['math_acc']:.3f}  tool {start['tool_acc']:.3f}  reverse KL {start['reverse_kl']:.4f}")
+    train = resolve_world_models(demo_train_config(steps, lr), world_root)
+    runs = expand_grid(train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items)
+    print(f"distilling: {len(runs)} runs x {steps} steps, {workers} at a time")
+    results = run_grid(runs, workers=workers)
+    for r in results:
+        r["method"] = f"{r['estimator']}/{r['divergence']}"
+    print()
+    print_table(rows, results)
+    report = write_report([Path(r.run_dir) for r in runs], out, title="opdplus demo: OPD vs OPD+ on the synthetic world",
+                          command="opdplus demo", fixed_rows=rows,
+                          notes=f"Teacher and student: `{paths.root}`. Total wall time {time.perf_counter() - started:.0f}s.")
+    print(f"\nreport: {report}\nplot:   {out / 'curves.png'}")
+    summary = demo_summary(rows, results)
+    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    parser.add_argument("--steps", type=int, default=DEMO_TRAIN["run"]["steps"], help="distillation steps per run")
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEMO_TRAIN['optim']['lr']})")
+    parser.add_argument("--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
+    parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_demo(args.out, steps=args.steps, eval_items=args.eval_items, workers=args.workers, lr=args.lr,
+                       world_root=args.world)
+    print(json.dumps(summary))
+    return 0

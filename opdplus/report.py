@@ -1,0 +1,180 @@
+"""Tables and plots from run directories (`opdplus report RUN_DIR...`).
+
+A run directory holds ``metrics.jsonl`` (written by the training loop) and ``result.json`` (the final
+evaluation written by ``opdplus.sweep.run_one``). A directory without ``result.json`` is searched one
+level down, so a sweep's output directory can be passed as is. Runs of the same method (estimator /
+divergence) with different seeds are aggregated as mean ± std (sample std, n-1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+COLUMNS = (("math_acc", "math acc"), ("tool_acc", "tool-use acc"), ("reverse_kl", "held-out reverse KL"),
+           ("steps", "steps"), ("wall_s", "wall s"))
+CURVES = (("eval/score", "held-out accuracy (sampled, mean of tasks)"), ("eval/reverse_kl", "held-out reverse KL / token"))
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among ``paths`` and their direct children, sorted, without duplicates."""
+    found = []
+    for path in paths:
+        path = Path(path)
+        if (path / RESULT_FILE).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(child for child in path.iterdir() if (child / RESULT_FILE).is_file())
+    return sorted(set(found))
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """``result.json`` plus the eval curve (the metrics lines that carry ``eval/`` keys)."""
+    record = json.loads((run_dir / RESULT_FILE).read_text())
+    curve = []
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if any(key.startswith("eval/") for key in row):
+                curve.append({"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}})
+    return {**record, "run_dir": str(run_dir), "curve": curve}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method, in first-seen order: ``{"method", "n", key: (mean, std) for each column}``."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(run)
+    rows = []
+    for method, group in by_method.items():
+        row: dict[str, Any] = {"method": method, "n": len(group)}
+        for key, _ in COLUMNS:
+            values = [float(r[key]) for r in group if r.get(key) is not None]
+            row[key] = mean_std(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def _cell(value: tuple[float, float] | None, key: str, n: int) -> str:
+    if value is None:
+        return "–"
+    mean, std = value
+    digits = 0 if key in ("steps", "wall_s") else (4 if key == "reverse_kl" else 3)
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], fixed_rows: list[dict[str, Any]] | None = None) -> str:
+    """A markdown table of aggregated rows; ``fixed_rows`` (e.g. teacher, starting student) go first and
+    hold plain numbers."""
+    header = "| method | n | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for row in fixed_rows or []:
+        cells = [_cell((float(row[k]), 0.0) if row.get(k) is not None else None, k, 1) for k, _ in COLUMNS]
+        lines.append(f"| {row['method']} | – | " + " | ".join(cells) + " |")
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['n']} | " + " | ".join(_cell(row[k], k, row["n"]) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def mean_curves(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per method, the mean over seeds of ``key`` at each eval step logged by all of its runs."""
+    by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for point in run["curve"]:
+            if point.get(key) is not None:
+                by_method[run["method"]][point["step"]].append(float(point[key]))
+    curves = {}
+    for method, points in by_method.items():
+        steps = sorted(points)
+        curves[method] = (steps, [sum(points[s]) / len(points[s]) for s in steps])
+    return curves
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """A PNG with one panel per curve in ``CURVES``, one line per method; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
+    for ax, (key, label) in zip(axes, CURVES):
+        for method, (steps, values) in mean_curves(runs, key).items():
+            style = "-" if method.startswith("opd_plus/") else "--"
+            ax.plot(steps, values, style, marker="o", markersize=3, label=method)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillation report", command: str = "",
+                 fixed_rows: list[dict[str, Any]] | None = None, notes: str = "") -> Path:
+    """``report.md`` (table + plot + the command) and ``curves.png`` in ``out_dir``; returns report.md."""
+    runs = [load_run(d) for d in find_runs(run_dirs)]
+    if not runs:
+        raise ValueError(f"no run directories with {RESULT_FILE} in {', '.join(map(str, run_dirs))}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_curves(runs, out_dir / "curves.png", title)
+    parts = [f"# {title}", ""]
+    if command:
+        parts += ["Command:", "", "```", command, "```", ""]
+    parts += [markdown_table(aggregate(runs), fixed_rows), ""]
+    parts += ["Accuracy: greedy decoding on held-out items (per task); held-out reverse KL: exact KL(student ‖ teacher) "
+              "per completion token over the vocabulary, on student samples of the held-out prompts. "
+              "n = seeds; mean ± sample std.", ""]
+    if plot is not None:
+        parts += [f"![learning curves]({plot.name})", ""]
+    if notes:
+        parts += [notes, ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(parts))
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"rows": [{k: v for k, v in row.items()} for row in aggregate(runs)], "runs": [
+            {k: v for k, v in run.items() if k != "curve"} for run in runs]}, indent=2))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories (with result.json), or directories that contain them (a sweep's output)")
+    parser.add_argument("--out", type=Path, default=None, help="where report.md and curves.png go (default: the first RUN_DIR)")
+    parser.add_argument("--title", default="Distillation report")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or args.run_dirs[0]
+    try:
+        report = write_report(args.run_dirs, out, title=args.title, command="opdplus report " + " ".join(map(str, args.run_dirs)))
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,353 @@
+"""The demo world: a tokenizer, a teacher and a student for the synthetic math and tool-use tasks.
+
+``ensure_world()`` returns the directories of a teacher and a student (HF ``save_pretrained`` dirs
+with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v1`` when missing:
+
+1. a byte-level BPE tokenizer trained on train-split texts of both tasks (bos/eos/pad, BOS added);
+2. a small Llama teacher trained from scratch by supervised next-token training on prompt+solution
+   (loss on the solution only) until greedy decoding solves >= 95% of held-out items of both tasks;
+3. a student: the teacher pruned to ``student_layers`` of its layers (``opdplus.models.prune``),
+   then trained the same way but only until it solves about a third of the dev items of each task
+   (a task drops out of the student's mix once it gets there), so it starts well below the teacher.
+
+Everything is seeded and the data order is fixed, so a rebuild gives the same models (up to
+floating-point differences between CPU thread counts). ``greedy_accuracy`` is the evaluation helper.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from opdplus.tasks.base import Task, TaskItem, get_task
+from opdplus.tasks.synthetic import solution_of
+
+WORLD_VERSION = "world-v1"
+WORLD_TASKS = ("synthetic_math", "synthetic_tool_use")
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+DEV_SEED = 1  # eval-split seed used to decide when training stops; reported accuracy uses seed 0
+
+Log = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    """``$OPDPLUS_CACHE``, default ``~/.cache/opdplus``."""
+    return Path(os.environ.get("OPDPLUS_CACHE") or Path.home() / ".cache" / "opdplus").expanduser()
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int = 128
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Supervised training until every task reaches ``target_acc`` on the dev items (or ``max_steps``).
+
+    ``stop_each_task``: drop a task from the training mix as soon as it reaches the target (used to
+    park the student at a low accuracy on both tasks instead of overshooting on the easy one)."""
+    target_acc: float
+    max_steps: int
+    lr: float = 3e-3
+    batch_size: int = 128
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    eval_every: int = 25
+    eval_items: int = 200
+    stop_each_task: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)
+    student_layers: int = 2  # the student is the teacher pruned to this many layers (uniformly spread)
+    teacher_train: TrainSpec = TrainSpec(target_acc=0.98, max_steps=800, eval_every=50)
+    student_train: TrainSpec = TrainSpec(target_acc=0.30, max_steps=400, lr=2e-3, eval_every=10,
+                                         eval_items=100, stop_each_task=True, seed=1)
+    tokenizer_items: int = 2000  # train items per task used to learn the BPE merges
+    train_pool: int = 8000  # train items per task, tokenized once, sampled in a fixed order
+    vocab_size: int = 1024
+    max_new_tokens: int = 48
+    eval_items: int = 200  # held-out items per task for the reported accuracy
+    tasks: tuple[str, ...] = WORLD_TASKS
+
+
+DEFAULT_SPEC = WorldSpec()
+
+
+@dataclass
+class WorldPaths:
+    root: Path
+    teacher: Path
+    student: Path
+    tokenizer: Path
+    info: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.info = self.root / "world.json"
+
+
+def world_paths(root: Path | None = None) -> WorldPaths:
+    root = Path(root) if root is not None else cache_root() / WORLD_VERSION
+    return WorldPaths(root=root, teacher=root / "teacher", student=root / "student", tokenizer=root / "tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def world_texts(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> list[str]:
+    """prompt + solution of ``n_per_task`` train items of every task."""
+    texts = []
+    for name in tasks:
+        texts += [item.prompt + solution_of(item) for item in get_task(name).items("train", n_per_task, seed)]
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (lossless decode) as a ``PreTrainedTokenizerFast`` that adds BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer)
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   padding_side="left", model_max_length=DEFAULT_SPEC.teacher.max_positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------
+
+def make_model(spec: ModelSpec, tokenizer, seed: int):
+    """A randomly initialised Llama causal LM sized by ``spec`` (tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 on BOS and prompt tokens
+
+
+def encode_examples(tokenizer, items: list[TaskItem]) -> list[Example]:
+    """BOS + prompt + solution + EOS for each item, tokenized the way generation sees it (prompt and
+    completion apart, batched for speed)."""
+    prompts = tokenizer([item.prompt for item in items])["input_ids"]
+    solutions = tokenizer([solution_of(item) for item in items], add_special_tokens=False)["input_ids"]
+    examples = []
+    for prompt_ids, solution_ids in zip(prompts, solutions):
+        completion_ids = solution_ids + [tokenizer.eos_token_id]
+        examples.append(Example(input_ids=prompt_ids + completion_ids, labels=[-100] * len(prompt_ids) + completion_ids))
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for teacher-forced training."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to 10% of it at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy evaluation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 256) -> list[str]:
+    """Greedy completions (text after the prompt, up to EOS) for ``prompts``; batched, left-padded."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    completions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    model.train(was_training)
+    return completions
+
+
+def greedy_accuracy(model, tokenizer, task: Task, items: list[TaskItem], max_new_tokens: int = 48) -> float:
+    """Mean score of greedy completions of ``items``."""
+    completions = greedy_complete(model, tokenizer, [item.prompt for item in items], max_new_tokens)
+    return sum(task.score(item, c) for item, c in zip(items, completions)) / max(1, len(items))
+
+
+def evaluate(model, tokenizer, tasks: tuple[str, ...] = WORLD_TASKS, n: int = 200, seed: int = 0,
+             max_new_tokens: int = 48) -> dict[str, float]:
+    """Greedy accuracy on ``n`` eval-split items of each task: ``{task_name: accuracy}``."""
+    results = {}
+    for name in tasks:
+        task = get_task(name)
+        results[name] = greedy_accuracy(model, tokenizer, task, task.items("eval", n, seed), max_new_tokens)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised training
+# ----------------------------------------------------------------------------------------------
+
+def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSpec, max_new_tokens: int,
+                log: Log = print) -> dict:
+    """Supervised training on batches mixed from ``pools`` until every task's greedy dev accuracy
+    reaches ``spec.target_acc`` (checked every ``spec.eval_every`` steps) or ``spec.max_steps``.
+
+    Returns a summary with the steps taken and the last dev accuracies."""
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)
+    dev = {name: get_task(name).items("eval", spec.eval_items, DEV_SEED) for name in pools}
+    active = sorted(pools)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+    model.train()
+    accuracy = {name: 0.0 for name in pools}
+    start, cpu_start, step = time.perf_counter(), time.process_time(), 0
+    while step < spec.max_steps and active:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, spec.max_steps, spec.lr, spec.warmup_steps)
+        pool = pools[active[step % len(active)]]  # one task per batch: less padding
+        batch = collate([rng.choice(pool) for _ in range(spec.batch_size)], tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % spec.eval_every == 0 or step == spec.max_steps:
+            for name in active:
+                accuracy[name] = greedy_accuracy(model, tokenizer, get_task(name), dev[name], max_new_tokens)
+            log(f"  step {step:4d}  loss {loss.item():.3f}  dev " +
+                "  ".join(f"{n}={a:.2f}" for n, a in accuracy.items()) + f"  {time.perf_counter() - start:.0f}s (cpu {time.process_time() - cpu_start:.0f}s)")
+            reached = [name for name in active if accuracy[name] >= spec.target_acc]
+            active = [name for name in active if name not in reached] if spec.stop_each_task else (
+                [] if len(reached) == len(active) else active)
+    model.eval()
+    return {"steps": step, "dev_accuracy": accuracy, "seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds": round(time.process_time() - cpu_start, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Build and cache
+# ----------------------------------------------------------------------------------------------
+
+def _save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def make_student(teacher, num_layers: int):
+    """A copy of ``teacher`` keeping ``num_layers`` of its decoder layers, spread uniformly."""
+    import copy
+
+    from opdplus.models.prune import prune_layers, select_layers
+
+    student = copy.deepcopy(teacher)
+    return prune_layers(student, select_layers(teacher.config.num_hidden_layers, num_layers, "uniform"))
+
+
+def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpec, out: Path, log: Log) -> dict:
+    """Train ``model`` by ``train_spec``, report its held-out accuracy, save it to ``out``; the summary."""
+    fit = train_until(model, tokenizer, pools, train_spec, spec.max_new_tokens, log)
+    held_out = evaluate(model, tokenizer, spec.tasks, n=spec.eval_items, seed=0, max_new_tokens=spec.max_new_tokens)
+    log(f"  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
+    _save(model, tokenizer, out)
+    return {**fit, "eval_accuracy": held_out, "parameters": sum(p.numel() for p in model.parameters()),
+            "layers": model.config.num_hidden_layers}
+
+
+def build_world(paths: WorldPaths, spec: WorldSpec = DEFAULT_SPEC, log: Log = print) -> dict:
+    """Train tokenizer, teacher and student from scratch and save them under ``paths``.
+
+    Writes into a temporary sibling directory and renames it at the end, so an interrupted build
+    never leaves a half-written world behind. Returns the summary also saved as ``world.json``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    tmp = paths.root.with_name(paths.root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    staging = world_paths(tmp)
+    log(f"building the demo world in {paths.root} (tokenizer, teacher, student; a few minutes on a CPU)")
+    tokenizer = train_tokenizer(world_texts(spec.tasks, spec.tokenizer_items), spec.vocab_size)
+    tokenizer.save_pretrained(staging.tokenizer)
+    pools = {name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in spec.tasks}
+    summary: dict = {"version": WORLD_VERSION, "spec": asdict(spec), "vocab_size": len(tokenizer)}
+    teacher = make_model(spec.teacher, tokenizer, seed=0)
+    log(f"training the teacher ({spec.teacher.num_layers} layers x {spec.teacher.hidden_size} wide) "
+        f"to {spec.teacher_train.target_acc:.0%} dev accuracy")
+    summary["teacher"] = _fit_and_save(teacher, tokenizer, pools, spec.teacher_train, spec, staging.teacher, log)
+    student = make_student(teacher, spec.student_layers)
+    log(f"training the student (teacher pruned to {spec.student_layers} layers) "
+        f"to about {spec.student_train.target_acc:.0%} dev accuracy")
+    summary["student"] = _fit_and_save(student, tokenizer, pools, spec.student_train, spec, staging.student, log)
+    summary["build_seconds"] = round(time.perf_counter() - started, 1)
+    summary["build_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+    summary["torch_threads"] = torch.get_num_threads()
+    staging.info.write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(paths.root, ignore_errors=True)
+    tmp.rename(paths.root)
+    log(f"world built in {summary['build_seconds']:.0f}s")
+    return summary
+
+
+def world_ready(paths: WorldPaths) -> bool:
+    return paths.info.exists() and (paths.teacher / "config.json").exists() and (paths.student / "config.json").exists()
+
+
+def ensure_world(root: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, rebuild: bool = False,
+                 log: Log = print) -> WorldPaths:
+    """The cached world's paths, building it first when it is missing (or ``rebuild``)."""
+    paths = world_paths(root)
+    if rebuild or not world_ready(paths):
+        build_world(paths, spec, log)
+    return paths
+
+
+def load_world_info(paths: WorldPaths) -> dict:
+    return json.loads(paths.info.read_text())

@@ -1,0 +1,34 @@
+"""`opdplus pretrain-teacher`: build (or show) the cached demo world's teacher and student."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None,
+                        help="world directory (default: $OPDPLUS_CACHE/world-v1, $OPDPLUS_CACHE defaults to ~/.cache/opdplus)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the world is already cached")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from opdplus.world import ensure_world, load_world_info, world_paths, world_ready
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cached = world_ready(world_paths(args.out)) and not args.force
+    paths = ensure_world(args.out, rebuild=args.force)
+    info = load_world_info(paths)
+    if cached:
+        print(f"world already cached in {paths.root} (use --force to rebuild)")
+    for role in ("teacher", "student"):
+        accuracy = "  ".join(f"{task}={acc:.3f}" for task, acc in info[role]["eval_accuracy"].items())
+        print(f"{role:8s} {getattr(paths, role)}  held-out greedy accuracy: {accuracy}")
+    print(json.dumps({"world": {"root": str(paths.root), "build_seconds": info["build_seconds"],
+                                "teacher": info["teacher"]["eval_accuracy"],
+                                "student": info["student"]["eval_accuracy"]}}))
+    return 0

@@ -1,0 +1,87 @@
+"""The demo world's build path at a micro budget (a few steps, not to 95%): tokenizer, models, cache."""
+import json
+
+import pytest
+import torch
+
+from opdplus.tasks import get_task
+from opdplus.tasks.synthetic import solution_of
+from opdplus.world import (
+    ModelSpec,
+    TrainSpec,
+    WorldSpec,
+    encode_examples,
+    ensure_world,
+    greedy_complete,
+    train_tokenizer,
+    world_paths,
+    world_ready,
+    world_texts,
+)
+
+MICRO = WorldSpec(
+    teacher=ModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    student_layers=1,
+    teacher_train=TrainSpec(target_acc=1.01, max_steps=3, batch_size=8, eval_every=2, eval_items=4),
+    student_train=TrainSpec(target_acc=1.01, max_steps=2, batch_size=8, eval_every=1, eval_items=4,
+                            stop_each_task=True, seed=1),
+    tokenizer_items=200, train_pool=40, max_new_tokens=8, eval_items=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(world_texts(MICRO.tasks, 200), 1024)
+
+
+def test_tokenizer_lossless_with_special_tokens(tokenizer):
+    for name in MICRO.tasks:
+        for item in get_task(name).items("eval", 20):
+            text = item.prompt + solution_of(item)
+            ids = tokenizer(text)["input_ids"]
+            assert ids[0] == tokenizer.bos_token_id
+            assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+
+
+def test_tokenizer_deterministic(tokenizer):
+    again = train_tokenizer(world_texts(MICRO.tasks, 200), 1024)
+    assert again.get_vocab() == tokenizer.get_vocab()
+
+
+def test_numbers_are_single_tokens(tokenizer):
+    for n in range(13):
+        assert len(tokenizer(f" {n}", add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_encode_example_masks_prompt(tokenizer):
+    item = get_task("synthetic_math").items("train", 1)[0]
+    (example,) = encode_examples(tokenizer, [item])
+    n_prompt = len(tokenizer(item.prompt)["input_ids"])
+    assert example.labels[:n_prompt] == [-100] * n_prompt
+    assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_build_world_micro(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    logs = []
+    paths = ensure_world(tmp_path / "world", spec=MICRO, log=logs.append)
+    assert world_ready(paths) and logs
+    info = json.loads(paths.info.read_text())
+    assert info["teacher"]["steps"] == 3 and info["student"]["steps"] == 2
+    assert set(info["teacher"]["eval_accuracy"]) == set(MICRO.tasks)
+    teacher = AutoModelForCausalLM.from_pretrained(paths.teacher)
+    student = AutoModelForCausalLM.from_pretrained(paths.student)
+    tok_t, tok_s = AutoTokenizer.from_pretrained(paths.teacher), AutoTokenizer.from_pretrained(paths.student)
+    assert tok_t.get_vocab() == tok_s.get_vocab()
+    assert teacher.config.vocab_size == student.config.vocab_size == len(tok_t)
+    assert student.num_parameters() < teacher.num_parameters()
+    completions = greedy_complete(student, tok_s, ["Q: Ann has 1 pens.", "Tools:"], max_new_tokens=4)
+    assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
+    # cached: a second call does not rebuild
+    logs.clear()
+    assert ensure_world(tmp_path / "world", spec=MICRO, log=logs.append) == paths and not logs
+    assert not world_ready(world_paths(tmp_path / "missing"))
