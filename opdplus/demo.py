@@ -26,19 +26,20 @@ DEMO_TRAIN: dict[str, Any] = {
     "student": {"model": "world:student"},
     "teacher": {"model": "world:teacher", "batch_size": 64},
     "data": {"tasks": ["synthetic_math", "synthetic_tool_use"], "prompts_per_step": 16},
-    "rollout": {"max_new_tokens": 40, "samples_per_prompt": 2, "temperature": 1.0, "batch_size": 64},
+    "rollout": {"max_new_tokens": 40, "samples_per_prompt": 2, "temperature": 1.0, "batch_size": 64, "sampler": "fast"},
     "loss": {"gamma": 0.0, "log_ratio_clip": None, "ppo_epochs": 1, "micro_batch_size": 32},
     "optim": {"lr": 1e-3, "warmup_steps": 5, "schedule": "constant", "max_grad_norm": 1.0},
-    "eval": {"every": 10, "num_prompts": 32, "at_end": True},
+    "eval": {"every": 10, "num_prompts": 32, "at_end": True, "score_decoding": "greedy"},
 }
 
 
-def demo_train_config(steps: int, lr: float | None = None) -> dict[str, Any]:
+def demo_train_config(steps: int, overrides: list[str] = ()) -> dict[str, Any]:
+    """``DEMO_TRAIN`` with ``steps`` and ``key=value`` overrides (as for `opdplus train`)."""
+    from opdplus.train.config import apply_overrides
+
     train = copy.deepcopy(DEMO_TRAIN)
     train["run"]["steps"] = steps
-    if lr is not None:
-        train["optim"]["lr"] = lr
-    return train
+    return apply_overrides(train, list(overrides))
 
 
 def teacher_accuracy(info: dict, teacher, tokenizer, eval_items: int) -> dict[str, float]:
@@ -71,7 +72,7 @@ def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> No
         print(f"{r['method']:22s} {r['math_acc']:9.3f} {r['tool_acc']:9.3f} {r['reverse_kl']:9.4f} {r['steps']:6d} {r['wall_s']:7.0f}")
 
 
-def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, lr: float | None = None,
+def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, overrides: list[str] = (),
              world_root: Path | None = None) -> dict[str, Any]:
     """The whole demo; returns the summary printed as the last line."""
     import torch
@@ -93,7 +94,7 @@ def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, lr: float 
     rows = [{"method": "teacher", **teacher_accuracy(info, teacher, tokenizer, eval_items), "reverse_kl": 0.0},
             {"method": "student (start)", **start}]
     print(f"starting student: math {start['math_acc']:.3f}  tool {start['tool_acc']:.3f}  reverse KL {start['reverse_kl']:.4f}")
-    train = resolve_world_models(demo_train_config(steps, lr), world_root)
+    train = resolve_world_models(demo_train_config(steps, overrides), world_root)
     runs = expand_grid(train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items)
     print(f"distilling: {len(runs)} runs x {steps} steps, {workers} at a time")
     results = run_grid(runs, workers=workers)
@@ -113,14 +114,15 @@ def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, lr: float 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=DEMO_TRAIN["run"]["steps"], help="distillation steps per run")
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {DEMO_TRAIN['optim']['lr']})")
     parser.add_argument("--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v1)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the runs' train config, e.g. optim.lr=2e-3 data.prompts_per_step=32")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, steps=args.steps, eval_items=args.eval_items, workers=args.workers, lr=args.lr,
+    summary = run_demo(args.out, steps=args.steps, eval_items=args.eval_items, workers=args.workers, overrides=args.overrides,
                        world_root=args.world)
     print(json.dumps(summary))
     return 0

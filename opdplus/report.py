@@ -18,7 +18,8 @@ RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (("math_acc", "math acc"), ("tool_acc", "tool-use acc"), ("reverse_kl", "held-out reverse KL"),
            ("steps", "steps"), ("wall_s", "wall s"))
-CURVES = (("eval/score", "held-out accuracy (sampled, mean of tasks)"), ("eval/reverse_kl", "held-out reverse KL / token"))
+CURVES = (("eval/score", "held-out accuracy (eval/score, mean of tasks)"),
+          ("eval/reverse_kl", "held-out reverse KL / token (eval/reverse_kl)"))
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

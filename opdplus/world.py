@@ -65,10 +65,11 @@ class TrainSpec:
     target_acc: float
     max_steps: int
     lr: float = 3e-3
-    batch_size: int = 128
+    batch_size: int = 32
     warmup_steps: int = 20
     weight_decay: float = 0.01
     eval_every: int = 25
+    first_eval: int = 0  # no dev evaluation before this step (it cannot have reached the target yet)
     eval_items: int = 200
     stop_each_task: bool = False
     seed: int = 0
@@ -76,10 +77,10 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class WorldSpec:
-    teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)
+    teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
     student_layers: int = 2  # the student is the teacher pruned to this many layers (uniformly spread)
-    teacher_train: TrainSpec = TrainSpec(target_acc=0.98, max_steps=800, eval_every=50)
-    student_train: TrainSpec = TrainSpec(target_acc=0.30, max_steps=400, lr=2e-3, eval_every=10,
+    teacher_train: TrainSpec = TrainSpec(target_acc=0.98, max_steps=1000, eval_every=100, first_eval=600, eval_items=100)
+    student_train: TrainSpec = TrainSpec(target_acc=0.30, max_steps=300, lr=2e-3, warmup_steps=5, eval_every=10,
                                          eval_items=100, stop_each_task=True, seed=1)
     tokenizer_items: int = 2000  # train items per task used to learn the BPE merges
     train_pool: int = 8000  # train items per task, tokenized once, sampled in a fixed order
@@ -90,6 +91,16 @@ class WorldSpec:
 
 
 DEFAULT_SPEC = WorldSpec()
+
+# A micro world for smoke tests: same code path, a few steps, nowhere near the target accuracy.
+SMOKE_SPEC = WorldSpec(
+    teacher=ModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    student_layers=1,
+    teacher_train=TrainSpec(target_acc=1.01, max_steps=3, batch_size=8, eval_every=2, eval_items=4),
+    student_train=TrainSpec(target_acc=1.01, max_steps=2, batch_size=8, eval_every=1, eval_items=4,
+                            stop_each_task=True, seed=1),
+    tokenizer_items=200, train_pool=40, max_new_tokens=8, eval_items=4,
+)
 
 
 @dataclass
@@ -262,7 +273,7 @@ def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSp
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % spec.eval_every == 0 or step == spec.max_steps:
+        if (step >= spec.first_eval and step % spec.eval_every == 0) or step == spec.max_steps:
             for name in active:
                 accuracy[name] = greedy_accuracy(model, tokenizer, get_task(name), dev[name], max_new_tokens)
             log(f"  step {step:4d}  loss {loss.item():.3f}  dev " +

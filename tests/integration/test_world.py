@@ -7,9 +7,7 @@ import torch
 from opdplus.tasks import get_task
 from opdplus.tasks.synthetic import solution_of
 from opdplus.world import (
-    ModelSpec,
-    TrainSpec,
-    WorldSpec,
+    SMOKE_SPEC,
     encode_examples,
     ensure_world,
     greedy_complete,
@@ -19,14 +17,7 @@ from opdplus.world import (
     world_texts,
 )
 
-MICRO = WorldSpec(
-    teacher=ModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-    student_layers=1,
-    teacher_train=TrainSpec(target_acc=1.01, max_steps=3, batch_size=8, eval_every=2, eval_items=4),
-    student_train=TrainSpec(target_acc=1.01, max_steps=2, batch_size=8, eval_every=1, eval_items=4,
-                            stop_each_task=True, seed=1),
-    tokenizer_items=200, train_pool=40, max_new_tokens=8, eval_items=4,
-)
+MICRO = SMOKE_SPEC
 
 
 @pytest.fixture(scope="module")

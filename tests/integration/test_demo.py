@@ -1,0 +1,88 @@
+"""The demo pipeline end to end at a tiny budget (micro world, 2 steps per run): table, report, plot,
+and the structure of the last-line JSON; plus sweep grid expansion and report aggregation."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from opdplus.report import aggregate, find_runs, markdown_table, mean_std
+from opdplus.sweep import expand_grid, parse_divergence, resolve_world_models
+from opdplus.world import SMOKE_SPEC, ensure_world
+
+TINY_OVERRIDES = ["eval.every=1", "eval.num_prompts=2", "rollout.max_new_tokens=6", "data.prompts_per_step=2",
+                  "rollout.samples_per_prompt=1", "eval.max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return ensure_world(tmp_path_factory.mktemp("world") / "w", spec=SMOKE_SPEC, log=lambda _: None)
+
+
+def test_demo_smoke(world, tmp_path, capsys):
+    from opdplus.cli import main
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--steps", "2", "--eval-items", "3", "--workers", "1",
+                 "--world", str(world.root), *TINY_OVERRIDES])
+    assert code == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(printed[-1])["demo"]
+    assert set(summary) == {"teacher", "student_start", "runs"}
+    assert set(summary["teacher"]) == {"math_acc", "tool_acc"}
+    assert set(summary["student_start"]) == {"math_acc", "tool_acc", "reverse_kl"}
+    expected = {f"{e}/{d}" for e in ("opd", "opd_plus") for d in ("reverse_kl", "forward_kl", "jsd")}
+    assert set(summary["runs"]) == expected
+    for run in summary["runs"].values():
+        assert 0 <= run["math_acc"] <= 1 and 0 <= run["tool_acc"] <= 1
+        assert math.isfinite(run["reverse_kl"]) and run["reverse_kl"] >= 0
+        assert run["steps"] == 2
+    assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "opd_plus/forward_kl" in report and "teacher" in report
+    assert len(find_runs([out])) == 6
+
+
+def test_expand_grid_and_world_models(world, tmp_path):
+    train = {"student": {"model": "world:student"}, "teacher": {"model": "world:teacher"}, "loss": {"alpha": 0.3}}
+    resolved = resolve_world_models(train, world.root)
+    assert resolved["student"]["model"] == str(world.student) and resolved["teacher"]["model"] == str(world.teacher)
+    runs = expand_grid(resolved, {"estimator": ["opd", "opd_plus"], "divergence": ["jsd", "alpha:0.5"], "seed": [0, 1]},
+                       tmp_path, eval_items=5)
+    assert len(runs) == 8 and len({r.run_dir for r in runs}) == 8
+    alpha_run = next(r for r in runs if r.divergence == "alpha:0.5")
+    assert alpha_run.train["loss"]["divergence"] == "alpha" and alpha_run.train["loss"]["alpha"] == 0.5
+    jsd_run = next(r for r in runs if r.divergence == "jsd")
+    assert "alpha" not in jsd_run.train["loss"]
+    assert {r.train["run"]["seed"] for r in runs} == {0, 1}
+    with pytest.raises(ValueError, match="valid"):
+        expand_grid(resolved, {"lr": [1e-3]}, tmp_path, eval_items=5)
+
+
+def test_parse_divergence():
+    assert parse_divergence("jsd") == {"divergence": "jsd"}
+    assert parse_divergence("alpha:0.5") == {"divergence": "alpha", "alpha": 0.5}
+
+
+def test_aggregate_mean_std(tmp_path):
+    def write(name, method, acc):
+        d = Path(tmp_path, name)
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({"method": method, "math_acc": acc, "tool_acc": 1.0,
+                                                   "reverse_kl": 0.1, "steps": 10, "wall_s": 5.0}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/score": acc}) + "\n")
+    write("a0", "opd/jsd", 0.2)
+    write("a1", "opd/jsd", 0.4)
+    write("b0", "opd_plus/jsd", 0.9)
+    from opdplus.report import load_run
+
+    rows = aggregate([load_run(d) for d in find_runs([tmp_path])])
+    by_method = {r["method"]: r for r in rows}
+    mean, std = by_method["opd/jsd"]["math_acc"]
+    assert mean == pytest.approx(0.3) and std == pytest.approx(math.sqrt(0.02))
+    assert by_method["opd_plus/jsd"]["n"] == 1 and by_method["opd_plus/jsd"]["math_acc"][1] == 0.0
+    table = markdown_table(rows, [{"method": "teacher", "math_acc": 1.0, "tool_acc": 1.0, "reverse_kl": 0.0}])
+    assert "0.300 ± 0.141" in table and table.splitlines()[2].startswith("| teacher")
+    assert mean_std([1.0]) == (1.0, 0.0)
