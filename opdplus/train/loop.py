@@ -34,6 +34,7 @@ from opdplus.train.metrics import (
     masked_mean,
     masked_stats,
     peak_memory_mb,
+    read_metrics,
     reset_peak_memory,
     truncate_metrics,
 )
@@ -400,7 +401,8 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
                            wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     if resume:
         writer.message(f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at step {start_step}")
-    metrics: dict[str, float] = {}
+    previous = read_metrics(run_dir)  # a resumed run that has nothing left to do still reports its last step
+    metrics: dict[str, float] = {k: v for k, v in previous[-1].items() if k not in ("step", "time")} if previous else {}
     try:
         for step in range(start_step + 1, cfg.run.steps + 1):
             reset_peak_memory(device)

@@ -277,6 +277,10 @@ def test_cli(tmp_path, capsys):
     assert "cannot change loss.divergence when resuming" in capsys.readouterr().err
     assert main(["train", "--resume", str(run_dir), "run.steps=3"]) == 0
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0  # nothing left to do: reports the last step
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train"]["metrics"]
+    assert last["loss/policy"] == read_metrics(run_dir)[-1]["loss/policy"]
 
 
 def _mean(rows, key):
