@@ -56,8 +56,8 @@ _TAG_RE = re.compile(r"<(tool_call|TOOLCALL|toolcall)>\s*(.*?)\s*(?:</\1>|$)", r
 
 
 def parse_calls(text: str) -> list[Call] | None:
-    """Function calls in a model output; ``[]`` for no call, ``None`` for output that looks like an
-    attempted call but does not parse (malformed)."""
+    """Function calls in a model output; ``None`` for output that starts like a call (``[``, ``{``,
+    ``name(``, a call tag) but does not parse (malformed); ``[]`` for prose without calls."""
     text = text.strip().replace("<|python_tag|>", "")
     tagged = _TAG_RE.findall(text)
     if tagged:
@@ -80,7 +80,7 @@ def parse_calls(text: str) -> list[Call] | None:
             parsed = _parse_block(text[start:])
             if parsed is not None:
                 return parsed
-    return [] if not re.search(r"[\w.]+\s*\(|[\[{]", text) else None
+    return None if re.match(r"\s*(?:[\[{]|[\w.]+\s*\()", text) else []  # an attempted call, or prose
 
 
 def _parse_block(text: str) -> list[Call] | None:

@@ -288,3 +288,8 @@ def test_real_items_agree_with_bfcl_reference_checker():
     for item_id, calls in disagreements:
         assert "parallel" in item_id, (item_id, calls)
     assert len(disagreements) <= 5
+
+
+def test_prose_with_code_is_no_call_not_malformed():
+    assert parse_calls("To do this, use math.hypot(x, y) in Python:\n```python\ndef f(x):\n    return x\n```") == []
+    assert parse_calls("<tool_call>[f(a=</tool_call>") is None
