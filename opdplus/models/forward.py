@@ -26,6 +26,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
             model = model.module
+        elif isinstance(model, HiddenForward):
+            model = model.model
         elif hasattr(model, "get_base_model"):  # peft
             model = model.get_base_model()
         else:
@@ -60,6 +62,14 @@ def completion_logprobs(
     Float32; differentiable when called with autograd enabled.
     """
     position_ids_B_T = position_ids_from_mask(attention_mask_B_T)
+    policy = hidden_forward_of(model)
+    if policy is not None:  # through the (DDP / FSDP) wrapper, so gradient sync sees the forward
+        hidden_B_T_H = model(input_ids_B_T, attention_mask_B_T)
+        head, softcap = policy.head, policy.softcap
+        return shifted_completion_logprobs(
+            hidden_B_T_H, head, input_ids_B_T, start,
+            chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap,
+        )
     parts = decoder_and_head(model)
     if parts is not None:
         decoder, head, softcap = parts
@@ -77,3 +87,42 @@ def completion_logprobs(
         hidden_B_T_H, head, input_ids_B_T, start,
         chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap,
     )
+
+
+class HiddenForward(torch.nn.Module):
+    """A causal LM split at its LM head, as one module: ``forward`` runs the decoder and returns
+    hidden states (or the logits, for models whose logits are not plain ``lm_head(hidden)``); ``head``
+    maps them to logits chunk by chunk outside. DDP / FSDP wrap this module, so their gradient
+    synchronisation sees every forward; parameter names are those of the model under ``model.``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        parts = decoder_and_head(model)
+        self.softcap = parts[2] if parts is not None else None
+
+    def forward(self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(),
+                      position_ids=position_ids_from_mask(attention_mask_B_T), use_cache=False)
+        parts = decoder_and_head(self.model)
+        if parts is None:
+            return self.model(**kwargs).logits
+        return parts[0](**kwargs).last_hidden_state
+
+    def head(self, hidden_B_C_H: torch.Tensor) -> torch.Tensor:
+        parts = decoder_and_head(self.model)
+        return hidden_B_C_H if parts is None else parts[1](hidden_B_C_H)
+
+
+def hidden_forward_of(model: torch.nn.Module) -> HiddenForward | None:
+    """The ``HiddenForward`` that ``model`` is or wraps (DDP keeps it in ``.module``), else None."""
+    inner = getattr(model, "module", model) if not isinstance(model, HiddenForward) else model
+    return inner if isinstance(inner, HiddenForward) else None
+
+
+def softcapped(head: Callable[[torch.Tensor], torch.Tensor], softcap: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``head`` followed by Gemma-style final soft-capping ``c * tanh(z / c)`` (when ``softcap`` is set)."""
+    if softcap is None:
+        return head
+    return lambda hidden: torch.tanh(head(hidden).float() / softcap) * softcap

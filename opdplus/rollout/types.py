@@ -32,6 +32,9 @@ class RolloutBatch:
     teacher_logprobs_B_T: torch.Tensor | None = None
     truncated_B: torch.Tensor | None = None  # True = hit max_new_tokens before EOS
     meta: list[dict] = field(default_factory=list)  # per-row extras (prompt text, task item id, ...)
+    # teacher_signal=topk: the teacher's top-k at every column (see Teacher.score_topk), [B, T, K]
+    teacher_topk_ids_B_T_K: torch.Tensor | None = None
+    teacher_topk_logprobs_B_T_K: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids_B_T.shape)
@@ -41,6 +44,10 @@ class RolloutBatch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape} like input_ids_B_T")
+        for name in ("teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape[:2]) != shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape} + (K,)")
         if self.loss_mask_B_T.dtype != torch.bool or self.attention_mask_B_T.dtype != torch.bool:
             raise ValueError("loss_mask_B_T and attention_mask_B_T must be bool tensors (True = counts / real token)")
 
@@ -52,6 +59,13 @@ class RolloutBatch:
     def position_ids_B_T(self) -> torch.Tensor:
         return (self.attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
 
+    def columns(self, width: int) -> "RolloutBatch":
+        """The first ``width`` columns of every per-token tensor (drops trailing padding columns)."""
+        cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
+        return replace(self, **{name: cut(getattr(self, name)) for name in (
+            "input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T",
+            "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")})
+
     def completion_lengths_B(self) -> torch.Tensor:
         return self.loss_mask_B_T.sum(-1)
 
@@ -59,7 +73,7 @@ class RolloutBatch:
         moved = {
             name: (getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name))
             for name in ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T",
-                         "teacher_logprobs_B_T", "truncated_B")
+                         "teacher_logprobs_B_T", "truncated_B", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")
         }
         return replace(self, **moved)
 
@@ -76,6 +90,8 @@ class RolloutBatch:
             sampler_logprobs_B_T=pick(self.sampler_logprobs_B_T),
             teacher_logprobs_B_T=pick(self.teacher_logprobs_B_T),
             truncated_B=pick(self.truncated_B),
+            teacher_topk_ids_B_T_K=pick(self.teacher_topk_ids_B_T_K),
+            teacher_topk_logprobs_B_T_K=pick(self.teacher_topk_logprobs_B_T_K),
             tasks=[self.tasks[i] for i in listed] if self.tasks else [],
             meta=[self.meta[i] for i in listed] if self.meta else [],
         )

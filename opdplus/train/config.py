@@ -62,6 +62,26 @@ class TeacherConfig:
     tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=96, num_layers=3, seed=1))
     batch_size: int = 16  # rows per scoring forward pass
     device: str | None = None  # e.g. cuda:1 to keep the teacher off the student's GPU; default: run.device
+    # A served teacher (`opdplus serve-teacher` or `vllm serve`) instead of a local model:
+    url: str | None = None  # e.g. http://127.0.0.1:8000; when set, `model` is not loaded here
+    api_key_env: str = "OPDPLUS_TEACHER_API_KEY"  # environment variable holding the API key, if any
+    model_name: str | None = None  # the served model's name; default: the server's only model
+    timeout_s: float = 120.0
+    max_retries: int = 4  # retries with exponential backoff on 5xx and connection errors
+    max_concurrency: int = 4  # requests in flight
+    rows_per_request: int = 8
+
+
+@dataclass(frozen=True)
+class TeacherRoute:
+    """One teacher of several: scores the rollouts whose task tag (TaskItem.task) is ``task``."""
+    task: str = ""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    parallelism: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard); used when launched with several processes
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,8 @@ class LossConfig:
     ppo_epochs: int = 1  # optimizer steps per rollout batch
     micro_batch_size: int = 8  # rows per forward/backward; gradients accumulate over the batch
     logprob_chunk_size: int = 256  # positions per chunk of logits
+    teacher_signal: str = "sampled"  # sampled (log-ratio of the sampled token) | topk | exact (full vocabulary)
+    topk: int = 20  # teacher_signal=topk: the teacher's top-k plus one tail bucket
 
 
 @dataclass(frozen=True)
@@ -138,11 +160,13 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[TeacherRoute] = field(default_factory=list)  # several teachers routed by task tag
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -150,6 +174,8 @@ ESTIMATORS = ("opd", "opd_plus")
 SCHEDULES = ("constant", "linear", "cosine")
 PROGRESS = ("auto", "bar", "plain", "none")
 SAMPLERS = ("hf", "fast")
+TEACHER_SIGNALS = ("sampled", "topk", "exact")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -327,6 +353,12 @@ def validate(cfg: TrainConfig) -> None:
         _check(0.0 <= lora.dropout < 1.0, f"student.lora.dropout must be in [0, 1), got {lora.dropout}")
         _check(len(lora.target_modules) > 0, "student.lora.target_modules must name at least one module")
     _check(cfg.teacher.batch_size >= 1, "teacher.batch_size must be >= 1")
+    _validate_teachers(cfg)
+    _one_of(loss.teacher_signal, TEACHER_SIGNALS, "loss.teacher_signal")
+    _check(loss.topk >= 1, f"loss.topk must be >= 1, got {loss.topk}")
+    _one_of(cfg.train.parallelism, PARALLELISMS, "train.parallelism")
+    _check(not (cfg.train.parallelism == "fsdp" and cfg.student.lora.enabled),
+           "train.parallelism=fsdp does not support student.lora.enabled=true; use train.parallelism=ddp with LoRA")
     _check(len(cfg.data.tasks) >= 1, "data.tasks must name at least one task")
     _check(cfg.data.prompts_per_step >= len(cfg.data.tasks),
            f"data.prompts_per_step ({cfg.data.prompts_per_step}) must be >= the number of tasks ({len(cfg.data.tasks)})")
@@ -364,6 +396,25 @@ def validate(cfg: TrainConfig) -> None:
                "run.tensorboard=true needs tensorboard: pip install 'opdplus[log]'")
     if run.wandb:
         _check(_installed("wandb"), "run.wandb=true needs wandb: pip install wandb")
+
+
+def _validate_teachers(cfg: TrainConfig) -> None:
+    """A served teacher needs a URL and sane client limits; routed teachers need distinct task tags;
+    the exact signal needs the teacher's logits, so a local (not served) teacher."""
+    routes = [(f"teachers[{i}].teacher", r.teacher) for i, r in enumerate(cfg.teachers)] or [("teacher", cfg.teacher)]
+    for key, t in routes:
+        if t.url is not None:
+            _check(t.url.startswith(("http://", "https://")), f"{key}.url must start with http:// or https://, got {t.url!r}")
+            _check(t.timeout_s > 0 and t.max_retries >= 0 and t.max_concurrency >= 1 and t.rows_per_request >= 1,
+                   f"{key}: timeout_s > 0, max_retries >= 0, max_concurrency >= 1 and rows_per_request >= 1 required")
+        _check(not (cfg.loss.teacher_signal == "exact" and t.url is not None),
+               f"loss.teacher_signal=exact needs the teacher's full logits, so a local teacher ({key}.url is set); "
+               "use loss.teacher_signal=topk with a served teacher")
+    tags = [r.task for r in cfg.teachers]
+    _check(all(tags), "every entry of teachers needs a task tag: teachers: [{task: math, teacher: {...}}, ...]")
+    _check(len(set(tags)) == len(tags), f"teachers: task tags must be distinct, got {tags}")
+    _check(not (cfg.teachers and cfg.loss.teacher_signal == "exact"),
+           "loss.teacher_signal=exact works with one local teacher, not with a teachers: list")
 
 
 def _validate_divergence(loss: LossConfig) -> None:

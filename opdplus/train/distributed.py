@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -192,3 +193,36 @@ def total_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) ->
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The command ``opdplus train --nproc N ...`` runs: torchrun on this Python, same arguments."""
+    import sys
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "opdplus", *argv]
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list when single-process)."""
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+@contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP, unshard the root's own parameters (embeddings, final norm, LM head) so the unwrapped
+    model can be called directly (generation, no-grad scoring); decoder layers unshard themselves."""
+    if not is_fsdp(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
