@@ -109,7 +109,8 @@ def mean_curves(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[in
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """A PNG with one panel per curve in ``CURVES``, one line per method; None without matplotlib."""
+    """A PNG with one panel per curve in ``CURVES``, one line per method (colour = divergence, solid =
+    OPD+, dashed = stop-gradient OPD); None without matplotlib."""
     try:
         import matplotlib
 
@@ -118,10 +119,13 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
     except ImportError:
         return None
     fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
+    divergences = sorted({method.split("/", 1)[-1] for method in {run["method"] for run in runs}})
+    colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(divergences)}
     for ax, (key, label) in zip(axes, CURVES):
-        for method, (steps, values) in mean_curves(runs, key).items():
-            style = "-" if method.startswith("opd_plus/") else "--"
-            ax.plot(steps, values, style, marker="o", markersize=3, label=method)
+        for method, (steps, values) in sorted(mean_curves(runs, key).items()):
+            estimator, _, divergence = method.partition("/")
+            ax.plot(steps, values, "-" if estimator == "opd_plus" else "--", color=colors.get(divergence),
+                    marker="o" if estimator == "opd_plus" else "x", markersize=3, label=method)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

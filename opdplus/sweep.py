@@ -136,7 +136,11 @@ def evaluate_student(student, teacher, tokenizer, *, items: int, seed: int = 0, 
 
 
 def load_model(directory: str | Path):
+    """A causal LM (float32, eval mode) and its tokenizer from a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(directory)
@@ -155,7 +159,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     torch.set_num_threads(threads)
     cfg = from_dict(TrainConfig, spec.train)
     validate(cfg)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - started
     if result.checkpoint is None:
@@ -167,7 +171,8 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
                                max_new_tokens=max_new, tasks=tuple(cfg.data.tasks))
     record = {"name": spec.name, "method": spec.method, "estimator": spec.estimator, "divergence": spec.divergence,
               "seed": spec.seed, "steps": result.step, "wall_s": round(time.perf_counter() - started, 1),
-              "train_s": round(train_seconds, 1), "eval_items": spec.eval_items, **metrics}
+              "train_s": round(train_seconds, 1),
+              "cpu_s": round(time.process_time() - cpu_started, 1), "eval_items": spec.eval_items, **metrics}
     Path(spec.run_dir, RESULT_FILE).write_text(json.dumps(record, indent=2))
     return record
 

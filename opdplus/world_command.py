@@ -10,18 +10,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="world directory (default: $OPDPLUS_CACHE/world-v1, $OPDPLUS_CACHE defaults to ~/.cache/opdplus)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the world is already cached")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the build (default 1: fastest for these tiny models)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from opdplus.world import ensure_world, load_world_info, world_paths, world_ready
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cached = world_ready(world_paths(args.out)) and not args.force
-    paths = ensure_world(args.out, rebuild=args.force)
+    paths = ensure_world(args.out, rebuild=args.force, threads=args.threads)
     info = load_world_info(paths)
     if cached:
         print(f"world already cached in {paths.root} (use --force to rebuild)")

@@ -86,3 +86,17 @@ def test_aggregate_mean_std(tmp_path):
     table = markdown_table(rows, [{"method": "teacher", "math_acc": 1.0, "tool_acc": 1.0, "reverse_kl": 0.0}])
     assert "0.300 ± 0.141" in table and table.splitlines()[2].startswith("| teacher")
     assert mean_std([1.0]) == (1.0, 0.0)
+
+
+def test_sweep_preset_matches_demo_and_validates():
+    import yaml
+
+    from opdplus.demo import DEMO_TRAIN
+    from opdplus.sweep import load_sweep_file
+    from opdplus.train.config import TrainConfig, from_dict, validate
+
+    preset = Path(__file__).resolve().parents[2] / "configs" / "sweep.yaml"
+    data = load_sweep_file(preset)
+    assert data["train"] == yaml.safe_load(yaml.safe_dump(DEMO_TRAIN))  # one budget for demo and sweep
+    validate(from_dict(TrainConfig, {**data["train"], "student": {"model": "x"}, "teacher": {"model": "y"}}))
+    assert set(data["grid"]["divergence"]) >= {"reverse_kl", "forward_kl", "jsd", "total_variation", "hellinger", "alpha:0.5"}
