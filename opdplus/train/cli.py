@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. loss.divergence=alpha loss.alpha=0.5 run.dir=runs/a")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="data-parallel training on N processes (runs torchrun; train.parallelism=ddp|fsdp)")
     parser.epilog = (
         "examples:\n  opdplus train --config configs/tiny.yaml\n"
         "  opdplus train --config configs/tiny.yaml loss.divergence=jsd loss.estimator=opd_plus\n"
-        "  opdplus train --resume runs/tiny"
+        "  opdplus train --resume runs/tiny\n"
+        "  opdplus train --nproc 2 --config configs/tiny.yaml train.parallelism=fsdp\n"
+        "  torchrun --nproc_per_node 2 -m opdplus train --config configs/tiny.yaml"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -41,7 +46,25 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def launch_processes(args: argparse.Namespace) -> int:
+    """``--nproc N``: re-run this command under torchrun with N processes (without ``--nproc``)."""
+    import subprocess
+
+    from opdplus.train.distributed import torchrun_command
+
+    argv = ["train", *(["--config", args.config] if args.config else []),
+            *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+            *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(torchrun_command(args.nproc, argv), env=env).returncode
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args)
     if not args.config and not args.resume:
         print("error: opdplus train needs --config FILE (try: opdplus train --config configs/tiny.yaml) "
               "or --resume RUN_DIR", file=sys.stderr)
@@ -57,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, RunDirError, CorruptCheckpointError, ModelSourceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if type(err).__name__ != "TeacherUnavailableError":
+            raise
+        print(f"error: {err}\nThe last checkpoint is intact: once the teacher is back, continue with "
+              f"opdplus train --resume {cfg.run.dir}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"run directory: {result.run_dir}")
     if result.checkpoint is not None:
         print(f"checkpoint:    {result.checkpoint}/model")

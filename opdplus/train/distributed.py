@@ -123,7 +123,8 @@ def reduce_metrics(metrics: dict[str, float], ctx: DistContext, weight: float = 
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` on every decoder layer, then the root); unchanged when single."""
+    """DDP, or FSDP2 (``fully_shard`` on every decoder layer, then the root); unchanged when single.
+    ``model`` is called as ``model(input_ids_B_T, attention_mask_B_T)`` (a ``HiddenForward``)."""
     if not ctx.enabled:
         return model
     if ctx.parallelism == "ddp":
@@ -136,6 +137,11 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
     for module in decoder_layers(model):
         fully_shard(module)
     fully_shard(model)
+    # FSDP initialises lazily on the root's first forward; run one now, since generation calls the
+    # layers directly (under ``gathered``) before any training forward.
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.bool, device=device))
+    model.reshard()
     return model
 
 
