@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +20,15 @@ import torch
 
 from opdplus.rollout.http_teacher import HTTPTeacher, TeacherUnavailableError
 from opdplus.rollout.types import RolloutBatch
+from serving import ServerProcess
 
 API_KEY = "sesame"
 VOCAB = 256
 MAX_PROMPT_TOKENS = 64
 MAX_PROMPTS = 8
 MAX_REQUEST_BYTES = 32 * 1024
-REPO = Path(__file__).resolve().parents[2]
+LIMITS = ("--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-prompts-per-request", str(MAX_PROMPTS),
+          "--max-request-mb", str(MAX_REQUEST_BYTES / 2**20))
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -54,50 +53,6 @@ def build_tiny_teacher(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m opdplus serve-teacher` on a free loopback port; waits for /health."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "opdplus", "serve-teacher", "--model", str(model_dir), "--port", str(self.port),
-               "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-prompts-per-request", str(MAX_PROMPTS),
-               "--max-request-mb", str(MAX_REQUEST_BYTES / 2**20), "--log-level", "warning", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def wait_healthy(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"teacher server did not become healthy; log:\n{self.log_path.read_text()[-3000:]}")
-
-    def healthy(self) -> bool:
-        return self.proc.poll() is None and httpx.get(self.url + "/health", timeout=5).status_code == 200
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_teacher")
@@ -107,7 +62,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", API_KEY)
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "server.log", *LIMITS, "--api-key", API_KEY)
     proc.wait_healthy()
     yield proc
     proc.stop()
