@@ -98,8 +98,6 @@ def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, overrides:
     runs = expand_grid(train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items)
     print(f"distilling: {len(runs)} runs x {steps} steps, {workers} at a time")
     results = run_grid(runs, workers=workers)
-    for r in results:
-        r["method"] = f"{r['estimator']}/{r['divergence']}"
     print()
     print_table(rows, results)
     report = write_report([Path(r.run_dir) for r in runs], out, title="opdplus demo: OPD vs OPD+ on the synthetic world",
