@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
     summary = run_demo(args.out, steps=args.steps, eval_items=args.eval_items, workers=args.workers, overrides=args.overrides,
                        world_root=args.world)
     print(json.dumps(summary))

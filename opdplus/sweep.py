@@ -23,6 +23,7 @@ import argparse
 import copy
 import itertools
 import json
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -187,7 +188,11 @@ def _progress_of(spec: RunSpec) -> int:
         return 0
 
 
-def run_grid(runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] = print,
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_grid(runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] = _print,
              poll_seconds: float = 10.0) -> list[dict[str, Any]]:
     """Run ``runs`` on ``workers`` processes (one torch thread each); results in ``runs`` order.
     Prints one line per finished run and, every ``poll_seconds``, the steps of the running ones."""
@@ -240,6 +245,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
     from opdplus.report import write_report
 
     data = load_sweep_file(args.config)
