@@ -90,3 +90,26 @@ def test_per_position_loss_is_exact_gradient_by_enumeration(div, gamma):
         total = total + weight_Y[y] * loss
     (estimate,) = torch.autograd.grad(total, theta)
     assert float((estimate - reference).norm() / reference.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
+def test_exact_and_sampled_signals_agree_in_expectation(div, gamma):
+    """The exact per-position loss and the sampled-token OPD+ estimator have the same expected gradient."""
+    problem = check.TabularProblem.build(3, 3)
+    gen = torch.Generator().manual_seed(2)
+    n = len(problem.context_prefixes)
+    student_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    teacher_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    sampled = check.estimator_gradient(student_logits, teacher_logits, problem, div, "opd_plus", gamma)
+
+    theta = student_logits.clone().requires_grad_(True)
+    divergence_Y_D = opdplus.exact_divergence(theta[None], teacher_logits[None], div)[0][problem.context_index_Y_D]
+    student_logprobs_Y_D = check.token_logprobs(theta, problem)
+    weight_Y = student_logprobs_Y_D.detach().sum(-1).exp()
+    mask = torch.ones(1, problem.depth, dtype=torch.bool)
+    total = sum(weight_Y[y] * per_position_divergence_loss(
+        divergence_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1].detach(), mask,
+        gamma=gamma, normalizer=1.0) for y in range(len(weight_Y)))
+    (exact,) = torch.autograd.grad(total, theta)
+    torch.testing.assert_close(exact, sampled, rtol=1e-9, atol=1e-12)
