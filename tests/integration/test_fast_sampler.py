@@ -122,3 +122,16 @@ def test_cache_kind_follows_layer_types(tokenizer):
     model.config.sliding_window = 4
     assert not any(isinstance(layer, PreallocatedLayer) for layer in new_kv_cache(model, 16).layers)
 
+
+
+def test_lora_student_direct_decoder_matches_teacher_forced_forward(tokenizer):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(tokenizer), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)).eval()
+    sampler = FastSampler(model, tokenizer, SamplingSettings(max_new_tokens=16), torch.Generator().manual_seed(0))
+    batch = sampler.sample_ids(prompt_ids(tokenizer))
+    forced_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len).detach()
+    torch.testing.assert_close(batch.sampler_logprobs_B_T, forced_B_T.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0)
+    with model.disable_adapter():  # the adapters change the log-probs, so the check above covers them
+        base_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len).detach()
+    assert (base_B_T - forced_B_T).abs().max() > 1e-3
