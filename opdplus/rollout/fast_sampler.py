@@ -134,7 +134,7 @@ class DirectDecoder:
             hidden_b_1_H = hidden_b_1_H + layer.mlp(layer.post_attention_layernorm(hidden_b_1_H))
         return self.head(self.decoder.norm(hidden_b_1_H))[:, -1]
 
-    def _attention(self, attn, x_b_1_H, cos, sin, mask_b_1_1_S, layer_cache: "PreallocatedLayer") -> torch.Tensor:
+    def _attention(self, attn, x_b_1_H, cos, sin, mask_b_1_1_S, layer_cache: PreallocatedLayer) -> torch.Tensor:
         batch = x_b_1_H.shape[0]
         shape = (batch, 1, -1, attn.head_dim)
         query, key = attn.q_proj(x_b_1_H).view(shape), attn.k_proj(x_b_1_H).view(shape)
