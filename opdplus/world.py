@@ -215,16 +215,19 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 @torch.no_grad()
 def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 256) -> list[str]:
     """Greedy completions (text after the prompt, up to EOS) for ``prompts``; batched, left-padded."""
-    was_training = model.training
+    was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     completions: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    model.train(was_training)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
     return completions
 
 
