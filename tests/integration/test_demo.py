@@ -102,3 +102,27 @@ def test_sweep_preset_matches_demo_and_validates():
     assert data["train"] == demo  # one budget for demo and sweep
     validate(from_dict(TrainConfig, {**data["train"], "student": {"model": "x"}, "teacher": {"model": "y"}}))
     assert set(data["grid"]["divergence"]) >= {"reverse_kl", "forward_kl", "jsd", "total_variation", "hellinger", "alpha:0.5"}
+
+
+def test_exact_reverse_kl_zero_for_same_model_positive_otherwise(world):
+    from opdplus.rollout.sampler import Sampler, SamplingSettings
+    from opdplus.sweep import exact_reverse_kl, load_model
+    from opdplus.tasks import get_task
+
+    student, tok = load_model(world.student)
+    teacher, _ = load_model(world.teacher)
+    items = get_task("synthetic_math").items("eval", 3) + get_task("synthetic_tool_use").items("eval", 3)
+    batch = Sampler(student, tok, SamplingSettings(max_new_tokens=5), torch.Generator().manual_seed(0)).sample(items)
+    assert exact_reverse_kl(student, student, batch) == pytest.approx(0.0, abs=1e-9)
+    kl = exact_reverse_kl(student, teacher, batch)
+    assert kl > 0 and math.isfinite(kl)
+    # by hand for the first completion token of row 0
+    col = batch.prompt_len
+    kwargs = {"input_ids": batch.input_ids_B_T[:1, :col], "attention_mask": batch.attention_mask_B_T[:1, :col].long(),
+              "position_ids": batch.position_ids_B_T[:1, :col]}
+    with torch.no_grad():
+        p = torch.log_softmax(student(**kwargs).logits[0, -1].double(), -1)
+        q = torch.log_softmax(teacher(**kwargs).logits[0, -1].double(), -1)
+    one = batch.select([0])
+    one.loss_mask_B_T[:, col + 1:] = False
+    assert exact_reverse_kl(student, teacher, one) == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-6)
