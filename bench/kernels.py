@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=576, help="576 = SmolLM2-135M")
     parser.add_argument("--vocab", type=int, default=49152, help="49152 = SmolLM2's vocabulary")
-    parser.add_argument("--chunk", type=int, default=128, help="positions per chunk")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens (rows x positions) per block of logits")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per worker")
     parser.add_argument("--rounds", type=int, default=None, help="A/B rounds (one worker per variant each)")
     parser.add_argument("--device", default="cpu")

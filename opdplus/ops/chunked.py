@@ -4,7 +4,7 @@ The exact and top-k teacher signals need the student's full distribution at ever
 naively that is a [B, T, V] float tensor for the student, another for the teacher, and the autograd
 graph keeps several more. Here the LM heads run on one chunk of positions at a time and, when the
 student needs a gradient, each chunk is recomputed in the backward pass (activation checkpointing),
-so peak memory grows with B * chunk * V, not B * T * V. ``exact_divergence`` / ``topk_divergence``
+so peak memory grows with chunk * V (chunk = tokens per block), not B * T * V. ``exact_divergence`` / ``topk_divergence``
 on full logits are the slow twins the tests compare against.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opdplus.ops.divergences import Divergence, get_divergence
 from opdplus.ops.exact import exact_divergence
+from opdplus.ops.logprobs import positions_per_chunk
 from opdplus.ops.signals import topk_divergence
 
 Tensor = torch.Tensor
@@ -36,17 +37,18 @@ def _check_hidden(student_hidden_B_T_H: Tensor, chunk_size: int) -> None:
 def _map_chunks(fn: Callable[..., Tensor], student_hidden_B_T_H: Tensor, per_position: tuple[Tensor, ...],
                 chunk_size: int) -> Tensor:
     """Concatenate fn(hidden chunk, *per-position chunks) over chunks of positions, checkpointed."""
+    positions = positions_per_chunk(chunk_size, student_hidden_B_T_H.shape[0])
     use_checkpoint = torch.is_grad_enabled() and student_hidden_B_T_H.requires_grad
     pieces = []
-    for start in range(0, student_hidden_B_T_H.shape[1], chunk_size):
-        window = slice(start, start + chunk_size)
+    for start in range(0, student_hidden_B_T_H.shape[1], positions):
+        window = slice(start, start + positions)
         args = (student_hidden_B_T_H[:, window], *(t[:, window] for t in per_position))
         pieces.append(checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args))
     return torch.cat(pieces, dim=1)
 
 
 def chunked_exact_divergence(student_hidden_B_T_H: Tensor, student_head: Head, teacher_hidden_B_T_H: Tensor,
-                             teacher_head: Head, divergence: str | Divergence, *, chunk_size: int = 128) -> Tensor:
+                             teacher_head: Head, divergence: str | Divergence, *, chunk_size: int = 256) -> Tensor:
     """D_f(q || pi) over the full vocabulary at each position, [B, T], from hidden states and heads.
 
     Same value and student gradient as ``exact_divergence(student_head(h_s), teacher_head(h_t))``;
@@ -68,7 +70,7 @@ def chunked_exact_divergence(student_hidden_B_T_H: Tensor, student_head: Head, t
 
 def chunked_topk_divergence(student_hidden_B_T_H: Tensor, student_head: Head, teacher_topk_ids_B_T_K: Tensor,
                             teacher_topk_logprobs_B_T_K: Tensor, divergence: str | Divergence, *,
-                            chunk_size: int = 128) -> Tensor:
+                            chunk_size: int = 256) -> Tensor:
     """D_f(q || pi) over the teacher's top-k plus a tail bucket, [B, T], chunked like the above."""
     _check_hidden(student_hidden_B_T_H, chunk_size)
     div = get_divergence(divergence)

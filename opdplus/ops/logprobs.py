@@ -2,7 +2,7 @@
 
 ``log p(y_t | c_t) = z_t[y_t] - logsumexp(z_t)`` with ``z_t = head(h_t)`` the logits at position t.
 Logits are formed one chunk of positions at a time, in float32, so memory is O(B*T) plus one
-[B, chunk, V] block, never a full [B, T, V] float tensor. With autograd enabled each chunk is
+block of about ``chunk_size`` rows x V, never a full [B, T, V] float tensor. With autograd enabled each chunk is
 recomputed in the backward pass (activation checkpointing), so the gradient path also holds only one
 chunk of logits. ``naive_target_logprobs`` is the slow twin used by the tests.
 """
@@ -30,6 +30,13 @@ def _chunk_logprobs(
     return target_logits_B_C - torch.logsumexp(logits_B_C_V, dim=-1)
 
 
+def positions_per_chunk(chunk_tokens: int, rows: int) -> int:
+    """Positions per block of logits so that a block holds about ``chunk_tokens`` tokens (at least 1)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_tokens}")
+    return max(1, chunk_tokens // max(rows, 1))
+
+
 def chunked_target_logprobs(
     hidden_B_T_H: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -43,20 +50,20 @@ def chunked_target_logprobs(
 
     ``hidden_B_T_H[:, t]`` is the hidden state that predicts ``targets_B_T[:, t]`` (the caller shifts).
     ``head`` maps [B, C, H] to logits [B, C, V] (the LM head); ``logit_softcap`` applies
-    ``c * tanh(z / c)`` first (Gemma-style final soft-capping).
+    ``c * tanh(z / c)`` first (Gemma-style final soft-capping). ``chunk_size`` counts tokens (rows x
+    positions) per block of logits, so the block's memory does not grow with the batch.
     """
     if hidden_B_T_H.dim() != 3 or targets_B_T.shape != hidden_B_T_H.shape[:2]:
         raise ValueError(
             f"expected hidden_B_T_H [B, T, H] and targets_B_T [B, T], got {tuple(hidden_B_T_H.shape)} "
             f"and {tuple(targets_B_T.shape)}"
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    positions = positions_per_chunk(chunk_size, hidden_B_T_H.shape[0])
     use_checkpoint = torch.is_grad_enabled() and hidden_B_T_H.requires_grad
     pieces = []
-    for start in range(0, hidden_B_T_H.shape[1], chunk_size):
-        hidden_B_C_H = hidden_B_T_H[:, start:start + chunk_size]
-        targets_B_C = targets_B_T[:, start:start + chunk_size]
+    for start in range(0, hidden_B_T_H.shape[1], positions):
+        hidden_B_C_H = hidden_B_T_H[:, start:start + positions]
+        targets_B_C = targets_B_T[:, start:start + positions]
         if use_checkpoint:
             piece = checkpoint(_chunk_logprobs, head, hidden_B_C_H, targets_B_C, temperature, logit_softcap,
                                use_reentrant=False)

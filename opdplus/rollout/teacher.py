@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from opdplus.models.forward import HiddenForward, completion_logprobs, softcapped
+from opdplus.ops.logprobs import positions_per_chunk
 from opdplus.rollout.types import RolloutBatch
 
 
@@ -14,7 +15,7 @@ class LocalTeacher:
     """Implements the ``Teacher`` protocol: ``score(batch) -> teacher_logprobs_B_T`` (0 off the loss mask).
 
     The model is frozen (``requires_grad=False``), kept in eval mode and run under ``no_grad``. Rows
-    are scored ``batch_size`` at a time; logits are formed in chunks of ``chunk_size`` positions.
+    are scored ``batch_size`` at a time; logits are formed in blocks of about ``chunk_size`` tokens.
     ``score_topk`` gives the teacher's top-k at every position (the ``topk`` signal) and
     ``hidden_states`` the decoder output plus LM head (the ``exact`` signal, chunked by the caller).
     """
@@ -73,8 +74,9 @@ class LocalTeacher:
         for first in range(0, batch.batch_size, self.batch_size):
             rows = batch.select(slice(first, first + self.batch_size))
             hidden_B_T_H, logits = self.hidden_states(rows)
-            for col in range(start, hidden_B_T_H.shape[1], self.chunk_size):
-                stop = min(col + self.chunk_size, hidden_B_T_H.shape[1])
+            positions = positions_per_chunk(self.chunk_size, rows.batch_size)
+            for col in range(start, hidden_B_T_H.shape[1], positions):
+                stop = min(col + positions, hidden_B_T_H.shape[1])
                 logprobs_B_C_V = torch.log_softmax(logits(hidden_B_T_H[:, col - 1:stop - 1]), dim=-1)
                 top = logprobs_B_C_V.topk(k, dim=-1)
                 ids_B_T_K[first:first + rows.batch_size, col:stop] = top.indices.cpu()

@@ -112,7 +112,7 @@ class LossConfig:
     clip_eps: float | None = 0.2  # PPO ratio clip (only matters when ppo_epochs > 1); null = off
     ppo_epochs: int = 1  # optimizer steps per rollout batch
     micro_batch_size: int = 8  # rows per forward/backward; gradients accumulate over the batch
-    logprob_chunk_size: int = 256  # positions per chunk of logits
+    logprob_chunk_size: int = 256  # tokens (sequences x positions) per block of logits; memory ~ this x vocab
     teacher_signal: str = "sampled"  # sampled (log-ratio of the sampled token) | topk | exact (full vocabulary)
     topk: int = 20  # teacher_signal=topk: the teacher's top-k plus one tail bucket
 

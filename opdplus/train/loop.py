@@ -157,7 +157,10 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    # fused: one kernel over all parameters (3-11x faster steps on CPU, bench/flops.py); not for FSDP's DTensors
+    fused = not dist_utils.is_fsdp(model) and all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=fused)
     total = cfg.run.steps * cfg.loss.ppo_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, warmup_steps=o.warmup_steps, total_steps=total, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio))

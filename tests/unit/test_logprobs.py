@@ -36,17 +36,17 @@ def test_chunked_matches_naive_values_and_gradients(chunk_size, temperature, sof
 
 
 def test_logits_are_only_ever_formed_one_chunk_at_a_time():
-    """Forward and backward call the head on at most ``chunk_size`` positions: never a [B, T, V] block."""
+    """Forward and backward call the head on at most ``chunk_size`` tokens: never a [B, T, V] block."""
     hidden, weight, targets = _setup(T=10, dtype=torch.float32)
     seen = []
 
     def head(h):
-        seen.append(h.shape[1])
+        seen.append(h.shape[0] * h.shape[1])
         return h @ weight.T
 
-    out = chunked_target_logprobs(hidden, head, targets, chunk_size=4)
+    out = chunked_target_logprobs(hidden, head, targets, chunk_size=4 * hidden.shape[0])
     out.sum().backward()
-    assert max(seen) <= 4
+    assert max(seen) <= 4 * hidden.shape[0]
     assert len(seen) == 2 * 3  # 3 chunks forward, recomputed once each in backward
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
