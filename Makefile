@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/opdplus check
+	$(VENV)/bin/opdplus demo
 
 check: $(STAMP)
 	$(VENV)/bin/opdplus check

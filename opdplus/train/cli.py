@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="data-parallel training on N processes (runs torchrun; train.parallelism=ddp|fsdp)")
     parser.epilog = (
-        "examples:\n  opdplus train --config configs/tiny.yaml\n"
+        "examples:\n  opdplus train                      (no config: the demo on the embedded synthetic world)\n"
+        "  opdplus train --config configs/tiny.yaml\n"
         "  opdplus train --config configs/tiny.yaml loss.divergence=jsd loss.estimator=opd_plus\n"
         "  opdplus train --resume runs/tiny\n"
         "  opdplus train --nproc 2 --config configs/tiny.yaml train.parallelism=fsdp\n"
@@ -46,6 +47,16 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def run_demo() -> int:
+    """``opdplus train`` with no config runs ``opdplus demo`` with its defaults."""
+    from opdplus import demo
+
+    parser = argparse.ArgumentParser(prog="opdplus demo")
+    demo.add_arguments(parser)
+    print("opdplus train without --config: running the demo (opdplus demo) on the embedded synthetic world")
+    return demo.run(parser.parse_args([]))
+
+
 def launch_processes(args: argparse.Namespace) -> int:
     """``--nproc N``: re-run this command under torchrun with N processes (without ``--nproc``)."""
     import subprocess
@@ -66,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args)
     if not args.config and not args.resume:
+        if not args.overrides:  # plain `opdplus train`: the embedded default, i.e. the demo
+            return run_demo()
         print("error: opdplus train needs --config FILE (try: opdplus train --config configs/tiny.yaml) "
-              "or --resume RUN_DIR", file=sys.stderr)
+              "or --resume RUN_DIR when given overrides", file=sys.stderr)
         return 2
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CorruptCheckpointError

@@ -260,7 +260,7 @@ def test_local_model_directory_student(tmp_path, tiny_model_dir, tiny_train_conf
 def test_cli(tmp_path, capsys):
     from opdplus.cli import main
 
-    assert main(["train"]) == 2
+    assert main(["train", "run.steps=3"]) == 2  # overrides but no preset
     assert "needs --config FILE" in capsys.readouterr().err
     preset = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     assert main(["train", "--config", preset, "loss.divergance=jsd"]) == 2
@@ -303,3 +303,15 @@ def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward
     assert trends["opd_plus", "reverse_kl"][1] < 0.8 * start, trends
     assert trends["opd_plus", "forward_kl"][1] < 0.8 * start, trends
     assert trends["opd", "forward_kl"][1] > 3 * start, trends
+
+
+def test_train_without_config_runs_the_demo(monkeypatch, capsys):
+    """`opdplus train` with nothing else is the embedded default: the demo with its default arguments."""
+    from opdplus import demo
+    from opdplus.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)
+    assert main(["train"]) == 0
+    assert seen["args"].steps == demo.DEMO_TRAIN["run"]["steps"] and seen["args"].eval_items == 200
+    assert "running the demo" in capsys.readouterr().out
