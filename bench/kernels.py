@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 VARIANTS = ("logprobs_naive", "logprobs_chunked", "exact_naive", "exact_chunked")
 

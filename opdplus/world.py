@@ -336,7 +336,7 @@ def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpe
     """Train ``model`` by ``train_spec``, report its held-out accuracy, save it to ``out``; the summary."""
     fit = train_until(model, tokenizer, pools, train_spec, spec.max_new_tokens, log)
     held_out = evaluate(model, tokenizer, spec.tasks, n=spec.eval_items, seed=0, max_new_tokens=spec.max_new_tokens)
-    log(f"  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
+    log("  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
     _save(model, tokenizer, out)
     return {**fit, "eval_accuracy": held_out, "parameters": sum(p.numel() for p in model.parameters()),
             "layers": model.config.num_hidden_layers}

@@ -86,39 +86,40 @@ def all_reduce_sum(value: float, ctx: DistContext) -> float:
 
 # How a per-rank metric combines into the global one; everything else is the mean over ranks.
 _SUM_SUFFIXES = ("_tok_s", "/tokens", "/sequences")
-_MAX_SUFFIXES = ("_max", "/peak_mem_mb", "/step_s", "/eval_s")
-_MIN_SUFFIXES = ("_min",)
+_MAX_SUFFIXES = ("_max", "/max", "/peak_mem_mb", "/step_s", "/eval_s")
+_MIN_SUFFIXES = ("_min", "/min")
 
 
 def reduce_metrics(metrics: dict[str, float], ctx: DistContext, weight: float = 1.0) -> dict[str, float]:
-    """Combine per-rank metrics: sums for throughput and counts, max / min for extremes and times, and
-    for everything else the mean over ranks weighted by ``weight`` (e.g. this rank's loss tokens)."""
+    """Every rank's metrics combined into the global ones (see ``combine_metrics``); all ranks call it."""
     if not ctx.enabled:
         return dict(metrics)
-    gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, (weight, metrics))
-    total_weight = sum(w for w, _ in gathered) or float(len(gathered))
+    return combine_metrics(all_gather_objects((weight, metrics), ctx))
+
+
+def combine_metrics(gathered: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Combine (weight, metrics) of each rank: sums for throughput and counts, max / min for extremes and
+    times, a pooled std for ``*_std``, and for everything else the mean weighted by ``weight`` (e.g. the
+    rank's loss tokens). A key only some ranks report (a task tag one rank did not sample) combines
+    over those ranks."""
     combined = {}
-    for key in metrics:
-        values = [m[key] for _, m in gathered]
+    for key in dict.fromkeys(k for _, m in gathered for k in m):
+        pairs = [(w, m[key]) for w, m in gathered if key in m]
+        weights = [w for w, _ in pairs] if sum(w for w, _ in pairs) > 0 else [1.0] * len(pairs)
+        values = [v for _, v in pairs]
         if key.endswith(_SUM_SUFFIXES):
             combined[key] = float(sum(values))
         elif key.endswith(_MAX_SUFFIXES):
             combined[key] = float(max(values))
         elif key.endswith(_MIN_SUFFIXES):
             combined[key] = float(min(values))
-        elif key.endswith("_std"):  # pooled std over ranks, from per-rank means and stds
-            mean_key = key[: -len("_std")] + "_mean"
-            if mean_key in metrics:
-                means = [m[mean_key] for _, m in gathered]
-                weights = [w if total_weight else 1.0 for w, _ in gathered]
-                pooled_mean = sum(w * mu for w, mu in zip(weights, means)) / sum(weights)
-                second = sum(w * (s * s + mu * mu) for w, s, mu in zip(weights, values, means)) / sum(weights)
-                combined[key] = math.sqrt(max(second - pooled_mean * pooled_mean, 0.0))
-            else:
-                combined[key] = float(sum(values) / len(values))
+        elif key.endswith(("_std", "/std")) and all(key[: -len("std")] + "mean" in m for _, m in gathered if key in m):
+            means = [m[key[: -len("std")] + "mean"] for _, m in gathered if key in m]
+            pooled = sum(w * mu for w, mu in zip(weights, means)) / sum(weights)
+            second = sum(w * (sd * sd + mu * mu) for w, sd, mu in zip(weights, values, means)) / sum(weights)
+            combined[key] = math.sqrt(max(second - pooled * pooled, 0.0))
         else:
-            combined[key] = float(sum(w * v for (w, _), v in zip(gathered, values)) / total_weight)
+            combined[key] = float(sum(w * v for w, v in zip(weights, values)) / sum(weights))
     return combined
 
 
