@@ -33,7 +33,14 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 
 from opdplus.models.forward import decoder_and_head, unwrap_model
 from opdplus.ops.logprobs import sampling_logprobs
-from opdplus.rollout.sampler import SamplingSettings, completion_mask, eos_token_ids, left_pad, pad_token_id, tokenize_prompts
+from opdplus.rollout.sampler import (
+    SamplingSettings,
+    assemble_rollouts,
+    eos_token_ids,
+    left_pad,
+    pad_token_id,
+    tokenize_prompts,
+)
 from opdplus.rollout.types import RolloutBatch
 from opdplus.tasks.base import TaskItem
 
@@ -197,18 +204,7 @@ class FastSampler:
             parts = [self.decode(prompt_ids_B_P[i:i + size], prompt_mask_B_P[i:i + size]) for i in range(0, len(prompts), size)]
         finally:
             self.model.train(was_training)
-        width = max(p[0].shape[1] for p in parts)
-        completion_B_C = torch.cat([_pad_right(p[0], width, self.pad_id) for p in parts])
-        logprobs_B_C = torch.cat([_pad_right(p[1], width, 0.0) for p in parts])
-        mask_B_C, truncated_B = completion_mask(completion_B_C, self.eos_ids)
-        return RolloutBatch(
-            input_ids_B_T=torch.cat([prompt_ids_B_P, completion_B_C.where(mask_B_C, self.pad_id)], dim=1),
-            attention_mask_B_T=torch.cat([prompt_mask_B_P, mask_B_C], dim=1),
-            loss_mask_B_T=torch.cat([torch.zeros_like(prompt_mask_B_P), mask_B_C], dim=1),
-            sampler_logprobs_B_T=torch.cat([torch.zeros(prompt_ids_B_P.shape), logprobs_B_C.where(mask_B_C, 0.0)], dim=1),
-            prompt_len=prompt_ids_B_P.shape[1],
-            truncated_B=truncated_B,
-        )
+        return assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
 
     def decode(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one left-padded block: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU; after a row's EOS
@@ -284,10 +280,3 @@ def inverse_cdf_sample(logprobs_b_V: torch.Tensor, generator: torch.Generator) -
     u_b_1 = torch.rand(cdf_b_V.shape[0], 1, generator=generator, device=cdf_b_V.device) * cdf_b_V[:, -1:]
     token_b = torch.searchsorted(cdf_b_V, u_b_1, right=True).squeeze(-1)
     return token_b.clamp_(max=cdf_b_V.shape[-1] - 1)
-
-
-def _pad_right(x_B_C: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
-    if x_B_C.shape[1] == width:
-        return x_B_C
-    pad = torch.full((x_B_C.shape[0], width - x_B_C.shape[1]), value, dtype=x_B_C.dtype)
-    return torch.cat([x_B_C, pad], dim=1)

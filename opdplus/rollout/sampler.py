@@ -135,21 +135,10 @@ class Sampler:
             ]
         finally:
             self.model.train(was_training)
-        width = max(p[0].shape[1] for p in parts)
-        completion_B_C = torch.cat([_pad_right(p[0], width, self.pad_id) for p in parts])
-        logprobs_B_C = torch.cat([_pad_right(p[1], width, 0.0) for p in parts])
-        mask_B_C, truncated_B = completion_mask(completion_B_C, self.eos_ids)
-        # A row that ends exactly at max_new_tokens with EOS is not truncated; shorter rows are not either.
-        return RolloutBatch(
-            input_ids_B_T=torch.cat([prompt_ids_B_P, completion_B_C.where(mask_B_C, self.pad_id)], dim=1),
-            attention_mask_B_T=torch.cat([prompt_mask_B_P, mask_B_C], dim=1),
-            loss_mask_B_T=torch.cat([torch.zeros_like(prompt_mask_B_P), mask_B_C], dim=1),
-            sampler_logprobs_B_T=torch.cat([torch.zeros(prompt_ids_B_P.shape), logprobs_B_C.where(mask_B_C, 0.0)], dim=1),
-            prompt_len=prompt_ids_B_P.shape[1],
-            tasks=[item.task for item in items for _ in range(n)],
-            truncated_B=truncated_B,
-            meta=[{"item_id": item.id, "sample": j} for item in items for j in range(n)],
-        )
+        batch = assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        batch.tasks = [item.task for item in items for _ in range(n)]
+        batch.meta = [{"item_id": item.id, "sample": j} for item in items for j in range(n)]
+        return batch
 
     def _generate(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One ``generate`` call: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU."""
@@ -171,6 +160,25 @@ class Sampler:
         if not torch.equal(recorded_B_C[mask_B_C], completion_B_C[mask_B_C]):
             raise RuntimeError("generate did not follow the sampler's tokens; a generation-config processor interfered")
         return completion_B_C, logprobs_B_C
+
+
+def assemble_rollouts(prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor,
+                      parts: list[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int, eos_ids: list[int]) -> RolloutBatch:
+    """The ``RolloutBatch`` of left-padded prompts and the generated blocks ``(completion_B_C,
+    sampler_logprobs_B_C)``: completions right-padded, masked after EOS. A row that ends exactly at
+    max_new_tokens with EOS is not truncated; shorter rows are not either."""
+    width = max(p[0].shape[1] for p in parts)
+    completion_B_C = torch.cat([_pad_right(p[0], width, pad_id) for p in parts])
+    logprobs_B_C = torch.cat([_pad_right(p[1], width, 0.0) for p in parts])
+    mask_B_C, truncated_B = completion_mask(completion_B_C, eos_ids)
+    return RolloutBatch(
+        input_ids_B_T=torch.cat([prompt_ids_B_P, completion_B_C.where(mask_B_C, pad_id)], dim=1),
+        attention_mask_B_T=torch.cat([prompt_mask_B_P, mask_B_C], dim=1),
+        loss_mask_B_T=torch.cat([torch.zeros_like(prompt_mask_B_P), mask_B_C], dim=1),
+        sampler_logprobs_B_T=torch.cat([torch.zeros(prompt_ids_B_P.shape), logprobs_B_C.where(mask_B_C, 0.0)], dim=1),
+        prompt_len=prompt_ids_B_P.shape[1],
+        truncated_B=truncated_B,
+    )
 
 
 def _pad_right(x_B_C: torch.Tensor, width: int, value: float | int) -> torch.Tensor:

@@ -66,43 +66,8 @@ def test_topk_shape_errors():
         topk_divergence(torch.zeros(2, 3, 6), torch.zeros(2, 3, 2, dtype=torch.long), torch.zeros(2, 3, 3), "jsd")
 
 
-@pytest.mark.parametrize("gamma", [0.0, 1.0])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
-def test_per_position_loss_is_exact_gradient_by_enumeration(div, gamma):
-    """E_y[grad loss(y)] with exact per-position divergences equals the exact gradient of J."""
-    problem = check.TabularProblem.build(3, 3)
-    gen = torch.Generator().manual_seed(0)
-    n = len(problem.context_prefixes)
-    student_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    teacher_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    _, reference = check.reference_gradient(student_logits, teacher_logits, problem, div, gamma)
-
-    theta = student_logits.clone().requires_grad_(True)
-    divergence_C = opdplus.exact_divergence(theta[None], teacher_logits[None], div)[0]
-    divergence_Y_D = divergence_C[problem.context_index_Y_D]
-    student_logprobs_Y_D = check.token_logprobs(theta, problem)
-    weight_Y = student_logprobs_Y_D.detach().sum(-1).exp()
-    mask = torch.ones(1, problem.depth, dtype=torch.bool)
-    total = 0.0
-    for y in range(len(weight_Y)):
-        loss = per_position_divergence_loss(divergence_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1],
-                                            student_logprobs_Y_D[y:y + 1].detach(), mask, gamma=gamma, normalizer=1.0)
-        total = total + weight_Y[y] * loss
-    (estimate,) = torch.autograd.grad(total, theta)
-    assert float((estimate - reference).norm() / reference.norm()) < 1e-10
-
-
-@pytest.mark.parametrize("gamma", [0.0, 1.0])
-@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
-def test_exact_and_sampled_signals_agree_in_expectation(div, gamma):
-    """The exact per-position loss and the sampled-token OPD+ estimator have the same expected gradient."""
-    problem = check.TabularProblem.build(3, 3)
-    gen = torch.Generator().manual_seed(2)
-    n = len(problem.context_prefixes)
-    student_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    teacher_logits = 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    sampled = check.estimator_gradient(student_logits, teacher_logits, problem, div, "opd_plus", gamma)
-
+def exact_signal_gradient(div, gamma, student_logits, teacher_logits, problem):
+    """Exact expectation over sequences of the gradient of the per-position (exact) divergence loss."""
     theta = student_logits.clone().requires_grad_(True)
     divergence_Y_D = opdplus.exact_divergence(theta[None], teacher_logits[None], div)[0][problem.context_index_Y_D]
     student_logprobs_Y_D = check.token_logprobs(theta, problem)
@@ -111,5 +76,33 @@ def test_exact_and_sampled_signals_agree_in_expectation(div, gamma):
     total = sum(weight_Y[y] * per_position_divergence_loss(
         divergence_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1].detach(), mask,
         gamma=gamma, normalizer=1.0) for y in range(len(weight_Y)))
-    (exact,) = torch.autograd.grad(total, theta)
+    (grad,) = torch.autograd.grad(total, theta)
+    return grad
+
+
+def tabular(seed):
+    problem = check.TabularProblem.build(3, 3)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(problem.context_prefixes)
+    return (problem, 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
+            1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
+def test_per_position_loss_is_exact_gradient_by_enumeration(div, gamma):
+    """E_y[grad loss(y)] with exact per-position divergences equals the exact gradient of J."""
+    problem, student_logits, teacher_logits = tabular(0)
+    _, reference = check.reference_gradient(student_logits, teacher_logits, problem, div, gamma)
+    estimate = exact_signal_gradient(div, gamma, student_logits, teacher_logits, problem)
+    assert float((estimate - reference).norm() / reference.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
+def test_exact_and_sampled_signals_agree_in_expectation(div, gamma):
+    """The exact per-position loss and the sampled-token OPD+ estimator have the same expected gradient."""
+    problem, student_logits, teacher_logits = tabular(2)
+    sampled = check.estimator_gradient(student_logits, teacher_logits, problem, div, "opd_plus", gamma)
+    exact = exact_signal_gradient(div, gamma, student_logits, teacher_logits, problem)
     torch.testing.assert_close(exact, sampled, rtol=1e-9, atol=1e-12)
