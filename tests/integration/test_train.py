@@ -315,3 +315,15 @@ def test_train_without_config_runs_the_demo(monkeypatch, capsys):
     assert main(["train"]) == 0
     assert seen["args"].steps == demo.DEMO_TRAIN["run"]["steps"] and seen["args"].eval_items == 200
     assert "running the demo" in capsys.readouterr().out
+
+
+def test_tensorboard_logging(tiny_train_config, tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'opdplus[log]' (make install includes it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tiny_train_config(tmp_path / "run", "run.tensorboard=true"))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("loss/policy")]
+    assert len(logged) == 3
+    assert logged == pytest.approx([m["loss/policy"] for m in read_metrics(result.run_dir)], rel=1e-6)
