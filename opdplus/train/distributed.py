@@ -99,13 +99,14 @@ def reduce_metrics(metrics: dict[str, float], ctx: DistContext, weight: float = 
 
 def combine_metrics(gathered: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
     """Combine (weight, metrics) of each rank: sums for throughput and counts, max / min for extremes and
-    times, a pooled std for ``*_std``, and for everything else the mean weighted by ``weight`` (e.g. the
-    rank's loss tokens). A key only some ranks report (a task tag one rank did not sample) combines
+    times, a pooled std for ``*_std``, the plain mean for per-sequence ``rollout/`` statistics, and for
+    everything else the mean weighted by ``weight`` (the rank's loss tokens). A key only some ranks report (a task tag one rank did not sample) combines
     over those ranks."""
     combined = {}
     for key in dict.fromkeys(k for _, m in gathered for k in m):
         pairs = [(w, m[key]) for w, m in gathered if key in m]
-        weights = [w for w, _ in pairs] if sum(w for w, _ in pairs) > 0 else [1.0] * len(pairs)
+        per_sequence = key.startswith("rollout/")  # every rank has the same number of sequences
+        weights = [w for w, _ in pairs] if sum(w for w, _ in pairs) > 0 and not per_sequence else [1.0] * len(pairs)
         values = [v for _, v in pairs]
         if key.endswith(_SUM_SUFFIXES):
             combined[key] = float(sum(values))

@@ -22,3 +22,8 @@ def test_sums_extremes_weighted_means_and_pooled_std():
 def test_key_reported_by_some_ranks_only():
     out = combine_metrics([(4.0, {"div/math/reverse_kl": 0.2, "loss/policy": 1.0}), (2.0, {"loss/policy": 1.0})])
     assert out["div/math/reverse_kl"] == pytest.approx(0.2) and out["loss/policy"] == 1.0
+
+
+def test_per_sequence_rollout_statistics_are_plain_means():
+    out = combine_metrics([(30.0, {"rollout/len_mean": 15.0}), (10.0, {"rollout/len_mean": 5.0})])
+    assert out["rollout/len_mean"] == 10.0
