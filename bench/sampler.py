@@ -47,20 +47,10 @@ def time_variant(sampler, prompts, device: str) -> tuple[float, int]:
     """Seconds for one batch and the number of completion tokens produced."""
     import torch
 
-    from opdplus.rollout.sampler import left_pad
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    if hasattr(sampler, "sample_ids"):
-        batch = sampler.sample_ids(prompts)
-        tokens = int(batch.loss_mask_B_T.sum())
-    else:  # the reference Sampler takes TaskItems; drive its generate call directly on token ids
-        ids_B_P, mask_B_P = left_pad(prompts, sampler.pad_id)
-        completion_B_C, _ = sampler._generate(ids_B_P, mask_B_P)
-        from opdplus.rollout.sampler import completion_mask
-
-        tokens = int(completion_mask(completion_B_C, sampler.eos_ids)[0].sum())
+    tokens = int(sampler.sample_ids(prompts).loss_mask_B_T.sum())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start, tokens

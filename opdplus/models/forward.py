@@ -61,31 +61,13 @@ def completion_logprobs(
 
     Float32; differentiable when called with autograd enabled.
     """
-    position_ids_B_T = position_ids_from_mask(attention_mask_B_T)
     policy = hidden_forward_of(model)
-    if policy is not None:  # through the (DDP / FSDP) wrapper, so gradient sync sees the forward
-        hidden_B_T_H = model(input_ids_B_T, attention_mask_B_T)
-        head, softcap = policy.head, policy.softcap
-        return shifted_completion_logprobs(
-            hidden_B_T_H, head, input_ids_B_T, start,
-            chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap,
-        )
-    parts = decoder_and_head(model)
-    if parts is not None:
-        decoder, head, softcap = parts
-        hidden_B_T_H = decoder(
-            input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(), position_ids=position_ids_B_T,
-            use_cache=False,
-        ).last_hidden_state
-    else:
-        hidden_B_T_H = model(
-            input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(), position_ids=position_ids_B_T,
-            use_cache=False,
-        ).logits
-        head, softcap = (lambda logits: logits), None
+    # A wrapped HiddenForward is called through its (DDP / FSDP) wrapper, so gradient sync sees the forward.
+    forward = model if policy is not None else HiddenForward(model)
+    policy = policy or forward
     return shifted_completion_logprobs(
-        hidden_B_T_H, head, input_ids_B_T, start,
-        chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap,
+        forward(input_ids_B_T, attention_mask_B_T), policy.head, input_ids_B_T, start,
+        chunk_size=chunk_size, temperature=temperature, logit_softcap=policy.softcap,
     )
 
 

@@ -25,7 +25,6 @@ decoding gives the same tokens as HF ``generate``.
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +32,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_laye
 
 from opdplus.models.forward import decoder_and_head, unwrap_model
 from opdplus.ops.logprobs import sampling_logprobs
-from opdplus.rollout.sampler import (
-    SamplingSettings,
-    assemble_rollouts,
-    eos_token_ids,
-    left_pad,
-    pad_token_id,
-    tokenize_prompts,
-)
-from opdplus.rollout.types import RolloutBatch
-from opdplus.tasks.base import TaskItem
+from opdplus.rollout.sampler import Sampler, SamplingSettings
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -161,50 +151,15 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-class FastSampler:
-    """Samples ``samples_per_prompt`` completions per task item; same interface and output as ``Sampler``."""
+class FastSampler(Sampler):
+    """Samples ``samples_per_prompt`` completions per task item; same interface and output as ``Sampler``,
+    with our own decode loop in place of HF ``generate``."""
 
     def __init__(self, model, tokenizer, settings: SamplingSettings, generator: torch.Generator, *, compile: bool = False) -> None:
-        if settings.temperature != 1.0:
-            warnings.warn(
-                f"sampling temperature {settings.temperature} != 1: rollouts are off-policy for the student; "
-                "the importance ratio uses the tempered sampler log-probs", stacklevel=2,
-            )
-        self.model = model
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.generator = generator
-        self.eos_ids = eos_token_ids(tokenizer, model)
-        self.pad_id = pad_token_id(tokenizer)
+        super().__init__(model, tokenizer, settings, generator)
         self.compile = compile
         self._cache_kwarg = cache_keyword(model)
         self._steps: dict[bool, object] = {}  # direct? -> decode-step function (compiled once when asked)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def sample(self, items: list[TaskItem]) -> RolloutBatch:
-        n = self.settings.samples_per_prompt
-        prompts = [ids for ids in tokenize_prompts(self.tokenizer, items) for _ in range(n)]
-        batch = self.sample_ids(prompts)
-        batch.tasks = [item.task for item in items for _ in range(n)]
-        batch.meta = [{"item_id": item.id, "sample": j} for item in items for j in range(n)]
-        return batch
-
-    @torch.no_grad()
-    def sample_ids(self, prompts: list[list[int]]) -> RolloutBatch:
-        """One completion per prompt (token ids); the ``RolloutBatch`` layout of ``opdplus.rollout.types``."""
-        prompt_ids_B_P, prompt_mask_B_P = left_pad(prompts, self.pad_id)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            size = self.settings.batch_size
-            parts = [self.decode(prompt_ids_B_P[i:i + size], prompt_mask_B_P[i:i + size]) for i in range(0, len(prompts), size)]
-        finally:
-            self.model.train(was_training)
-        return assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
 
     def decode(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one left-padded block: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU; after a row's EOS

@@ -125,22 +125,25 @@ class Sampler:
     def sample(self, items: list[TaskItem]) -> RolloutBatch:
         n = self.settings.samples_per_prompt
         prompts = [ids for ids in tokenize_prompts(self.tokenizer, items) for _ in range(n)]
-        prompt_ids_B_P, prompt_mask_B_P = left_pad(prompts, self.pad_id)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            parts = [
-                self._generate(prompt_ids_B_P[i:i + self.settings.batch_size], prompt_mask_B_P[i:i + self.settings.batch_size])
-                for i in range(0, len(prompts), self.settings.batch_size)
-            ]
-        finally:
-            self.model.train(was_training)
-        batch = assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        batch = self.sample_ids(prompts)
         batch.tasks = [item.task for item in items for _ in range(n)]
         batch.meta = [{"item_id": item.id, "sample": j} for item in items for j in range(n)]
         return batch
 
-    def _generate(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def sample_ids(self, prompts: list[list[int]]) -> RolloutBatch:
+        """One completion per prompt (token ids), ``settings.batch_size`` prompts per ``decode`` call."""
+        prompt_ids_B_P, prompt_mask_B_P = left_pad(prompts, self.pad_id)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            size = self.settings.batch_size
+            parts = [self.decode(prompt_ids_B_P[i:i + size], prompt_mask_B_P[i:i + size]) for i in range(0, len(prompts), size)]
+        finally:
+            self.model.train(was_training)
+        return assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
+
+    def decode(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One ``generate`` call: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU."""
         recorder = _SampleAndRecord(self.settings, self.generator)
         config = GenerationConfig(

@@ -39,7 +39,7 @@ class LocalTeacher:
         for start in range(0, batch.batch_size, self.batch_size):
             rows = batch.select(slice(start, start + self.batch_size)).to(self.device)
             logprobs_B_T = completion_logprobs(
-                self.model, rows.input_ids_B_T, rows.attention_mask_B_T, batch.prompt_len,
+                self.forward, rows.input_ids_B_T, rows.attention_mask_B_T, batch.prompt_len,
                 chunk_size=self.chunk_size, temperature=self.temperature,
             )
             parts.append(logprobs_B_T.where(rows.loss_mask_B_T, 0.0).to(out_device))
