@@ -115,7 +115,6 @@ class Sampler:
         self.generator = generator
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = pad_token_id(tokenizer)
-        self.synced_gpus = False  # FSDP: keep running forwards until every rank is done (set by the loop)
 
     @property
     def device(self) -> torch.device:
@@ -153,7 +152,6 @@ class Sampler:
         sequences = self.model.generate(
             input_ids=prompt_ids_B_P.to(self.device), attention_mask=prompt_mask_B_P.long().to(self.device),
             generation_config=config, logits_processor=LogitsProcessorList([recorder]),
-            **({"synced_gpus": True} if self.synced_gpus else {}),
         )
         completion_B_C = sequences[:, prompt_ids_B_P.shape[1]:].cpu()
         steps = completion_B_C.shape[1]

@@ -147,8 +147,8 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
     from torch.distributed.fsdp import fully_shard
 
     for module in decoder_layers(model):
-        fully_shard(module)
-    fully_shard(model)
+        fully_shard(module, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)  # FSDP2's own defaults, explicit so ``gathered`` can restore them
     # FSDP initialises lazily on the root's first forward; run one now, since generation calls the
     # layers directly (under ``gathered``) before any training forward.
     with torch.no_grad():
@@ -234,13 +234,22 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
 
 @contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[None]:
-    """Under FSDP, unshard the root's own parameters (embeddings, final norm, LM head) so the unwrapped
-    model can be called directly (generation, no-grad scoring); decoder layers unshard themselves."""
+    """Under FSDP, unshard every parameter (all layers and the root) and keep it so until the block ends,
+    so the unwrapped model can be called directly (generation, no-grad scoring) without collectives:
+    ranks may then run different numbers of decode steps (rows end at different EOS) without waiting
+    for each other. Costs the full model's weights on every rank while the block runs."""
     if not is_fsdp(model):
         yield
         return
-    model.unshard()
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)

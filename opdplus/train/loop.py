@@ -541,7 +541,6 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.run.seed, ctx.rank))
     settings = sampling_settings(cfg)
     sampler = sampler_class(cfg.rollout.sampler)(student, tokenizer, settings, generator)
-    sampler.synced_gpus = dist_utils.is_fsdp(policy)
     signal = None if cfg.loss.teacher_signal == "sampled" else TeacherSignal(
         cfg.loss.teacher_signal, divergence, cfg.loss.gamma, teacher)
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
@@ -612,12 +611,11 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
             metrics = dist_utils.reduce_metrics(metrics, ctx, weight=tokens)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):
                 t4 = time.perf_counter()
-                with dist_utils.gathered(policy):  # every rank evaluates the same prompts (FSDP needs all ranks)
+                with dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
                     metrics.update(evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
                                             max_new_tokens=eval_tokens, seed=cfg.eval.seed,
                                             batch_size=cfg.rollout.batch_size, score_decoding=cfg.eval.score_decoding,
-                                            sampler_cls=synced_sampler(sampler_class(cfg.rollout.sampler),
-                                                                       dist_utils.is_fsdp(policy))))
+                                            sampler_cls=sampler_class(cfg.rollout.sampler)))
                 metrics["perf/eval_s"] = time.perf_counter() - t4
             writer.log(step, metrics)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
@@ -650,16 +648,3 @@ def teacher_usage(teacher: Teacher) -> dict[str, float]:
         return dict(usage(reset=True))
     except TypeError:  # HTTPTeacher.metrics() takes no reset; its counters are cumulative
         return {f"teacher/{k}": float(v) for k, v in usage().items()}
-
-
-def synced_sampler(sampler_cls: type, synced: bool) -> Any:
-    """``sampler_cls`` whose instances keep generating until every process is done (FSDP)."""
-    if not synced:
-        return sampler_cls
-
-    def build(*args: Any, **kwargs: Any) -> Any:
-        sampler = sampler_cls(*args, **kwargs)
-        sampler.synced_gpus = True
-        return sampler
-
-    return build
