@@ -218,11 +218,15 @@ class HTTPTeacher:
 
     # ------------------------------------------------------------------ lifecycle / metrics
 
-    def metrics(self) -> dict[str, float]:
-        """Counters since construction: requests (incl. retries), retries, rows, tokens, seconds in ``score``."""
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """Counters since construction (or the last reset): requests (incl. retries), retries, rows, tokens,
+        seconds in ``score``."""
         with self._lock:
-            return {"requests": self.stats.requests, "retries": self.stats.retries, "rows": self.stats.rows,
-                    "tokens": self.stats.tokens, "seconds": self.stats.seconds}
+            out = {"requests": self.stats.requests, "retries": self.stats.retries, "rows": self.stats.rows,
+                   "tokens": self.stats.tokens, "seconds": self.stats.seconds}
+            if reset:
+                self.stats = HTTPTeacherStats()
+            return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

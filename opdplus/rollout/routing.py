@@ -94,12 +94,12 @@ class RoutedTeacher:
         usage.calls += 1
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
-        """``teacher/<task>/{rows,tokens,seconds}`` since construction (or the last reset)."""
+        """``<task>/{rows,tokens,seconds}`` since construction (or the last reset)."""
         out: dict[str, float] = {}
         for task, usage in self.usage.items():
-            out[f"teacher/{task}/rows"] = usage.rows
-            out[f"teacher/{task}/tokens"] = usage.tokens
-            out[f"teacher/{task}/seconds"] = usage.seconds
+            out[f"{task}/rows"] = usage.rows
+            out[f"{task}/tokens"] = usage.tokens
+            out[f"{task}/seconds"] = usage.seconds
         if reset:
             self.usage = {task: TeacherUsage() for task in self.teachers}
         return out

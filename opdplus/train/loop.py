@@ -640,11 +640,7 @@ def per_task_reverse_kl(student_lp_B_T: torch.Tensor, batch: RolloutBatch) -> di
 
 
 def teacher_usage(teacher: Teacher) -> dict[str, float]:
-    """Per-teacher counters of a routed teacher (``teacher/<task>/{rows,tokens,seconds}``), reset each step."""
+    """The teacher's counters for this step, ``teacher/...``: per task for a routed teacher
+    (``teacher/<task>/{rows,tokens,seconds}``), requests and retries for a served one; reset each step."""
     usage = getattr(teacher, "metrics", None)
-    if usage is None:
-        return {}
-    try:
-        return dict(usage(reset=True))
-    except TypeError:  # HTTPTeacher.metrics() takes no reset; its counters are cumulative
-        return {f"teacher/{k}": float(v) for k, v in usage().items()}
+    return {} if usage is None else {f"teacher/{k}": float(v) for k, v in usage(reset=True).items()}

@@ -128,6 +128,8 @@ def test_retries_5xx_with_backoff_then_succeeds() -> None:
     with teacher_for(server, max_retries=3, rows_per_request=8) as teacher:
         got = teacher.score(batch)
         assert teacher.metrics()["retries"] == 2
+        assert teacher.metrics(reset=True)["rows"] == int(batch.loss_mask_B_T.any(1).sum())  # rows with loss tokens are sent
+        assert teacher.metrics() == {"requests": 0, "retries": 0, "rows": 0, "tokens": 0, "seconds": 0.0}
     torch.testing.assert_close(got, expected_scores(batch), rtol=0, atol=1e-6)
 
 

@@ -48,10 +48,10 @@ def test_metrics_per_teacher() -> None:
     routed = RoutedTeacher({"math": ConstantTeacher(-1.0), "tools": ConstantTeacher(-2.0)})
     routed.score(make_batch(["tools", "math", "math"]))
     metrics = routed.metrics(reset=True)
-    assert metrics["teacher/math/rows"] == 2 and metrics["teacher/math/tokens"] == 6
-    assert metrics["teacher/tools/rows"] == 1 and metrics["teacher/tools/tokens"] == 2  # row 0 has 2 loss tokens
-    assert metrics["teacher/math/seconds"] >= 0
-    assert routed.metrics()["teacher/math/rows"] == 0
+    assert metrics["math/rows"] == 2 and metrics["math/tokens"] == 6
+    assert metrics["tools/rows"] == 1 and metrics["tools/tokens"] == 2  # row 0 has 2 loss tokens
+    assert metrics["math/seconds"] >= 0
+    assert routed.metrics()["math/rows"] == 0
 
 
 def test_a_task_without_teacher_is_a_clear_error() -> None:
