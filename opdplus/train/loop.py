@@ -513,9 +513,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
     ctx, device = dist_utils.init_distributed(resolve_device(cfg.run.device), cfg.train.parallelism)
     try:
-        return _train_processes(cfg, ctx, device, resume=resume, overwrite=overwrite)
-    finally:
-        dist_utils.shutdown(ctx)
+        result = _train_processes(cfg, ctx, device, resume=resume, overwrite=overwrite)
+    except BaseException:
+        dist_utils.shutdown(ctx, wait_for_others=False)  # the other ranks may never reach a barrier
+        raise
+    dist_utils.shutdown(ctx)
+    return result
 
 
 def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *, resume: bool,

@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -34,7 +34,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
         os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers, so no orphan outlives the test
         stdout, stderr = process.communicate()
         pytest.fail(f"torchrun did not finish within {timeout}s:\n{stdout[-3000:]}{stderr[-5000:]}")
-    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert process.returncode == 0 or not check, stdout[-3000:] + stderr[-5000:]
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
@@ -99,3 +99,10 @@ def test_two_process_run_checkpoints_once_and_resumes_with_two_or_one(parallelis
     assert single.returncode == 0, single.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert json.loads(single.stdout.strip().splitlines()[-1])["train"]["step"] == 4
+
+
+def test_two_process_run_with_an_error_exits_with_the_message(tmp_path):
+    result = torchrun(["-m", "opdplus", "train", "--config", "configs/tiny.yaml", *TINY, f"run.dir={tmp_path / 'run'}",
+                       "data.prompts_per_step=3"], timeout=120, check=False)
+    assert result.returncode != 0
+    assert "data.prompts_per_step=3 must be divisible by the number of processes (2)" in result.stdout + result.stderr
