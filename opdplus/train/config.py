@@ -133,6 +133,7 @@ class OptimConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations; 0 = only at the end (if at_end)
     at_end: bool = True
+    at_start: bool = False  # evaluate the starting policy too (logged as step 0); with run.steps=0 only that
     num_prompts: int = 8  # held-out items per task
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     seed: int = 1234  # eval sampling has its own generator: it never perturbs training
@@ -334,7 +335,8 @@ def divergence_kwargs(loss: LossConfig) -> dict[str, Any]:
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model; raises ConfigError."""
     run, loss, optim, rollout = cfg.run, cfg.loss, cfg.optim, cfg.rollout
-    _check(run.steps >= 1, f"run.steps must be >= 1, got {run.steps}")
+    _check(run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
+           f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}")
     _check(bool(run.dir), "run.dir must be a directory path")
     _check(run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at the end)")
     _check(run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0 (0 = keep all)")

@@ -564,7 +564,19 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
         writer.message(f"{ctx.world_size} processes, {cfg.train.parallelism}")
     previous = read_metrics(run_dir)  # a resumed run that has nothing left to do still reports its last step
     metrics: dict[str, float] = {k: v for k, v in previous[-1].items() if k not in ("step", "time")} if previous else {}
+
+    def held_out() -> dict[str, float]:
+        t0 = time.perf_counter()
+        with dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
+            result = evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
+                              max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size,
+                              score_decoding=cfg.eval.score_decoding, sampler_cls=sampler_class(cfg.rollout.sampler))
+        return {**result, "perf/eval_s": time.perf_counter() - t0}
+
     try:
+        if cfg.eval.at_start and start_step == 0 and not previous:
+            metrics = held_out()
+            writer.log(0, metrics)  # step 0: the starting policy
         for step in range(start_step + 1, cfg.run.steps + 1):
             reset_peak_memory(device)
             t0 = time.perf_counter()
@@ -613,13 +625,7 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
             }
             metrics = dist_utils.reduce_metrics(metrics, ctx, weight=tokens)
             if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):
-                t4 = time.perf_counter()
-                with dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
-                    metrics.update(evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
-                                            max_new_tokens=eval_tokens, seed=cfg.eval.seed,
-                                            batch_size=cfg.rollout.batch_size, score_decoding=cfg.eval.score_decoding,
-                                            sampler_cls=sampler_class(cfg.rollout.sampler)))
-                metrics["perf/eval_s"] = time.perf_counter() - t4
+                metrics.update(held_out())
             writer.log(step, metrics)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
                 last_checkpoint = write_checkpoint(cfg, step, policy, student, tokenizer, optimizer, scheduler,

@@ -144,7 +144,7 @@ class MetricsWriter:
         shown = {short: numeric[key] for key, short in HEADLINE.items() if key in numeric}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-            self.bar.update(1)
+            self.bar.update(1 if step > 0 else 0)  # step 0 is the evaluation before training
         elif self.mode == "plain" and (step % self.log_every == 0 or step == self.total_steps):
             text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
             print(f"step {step}/{self.total_steps} {text}", file=self.stream, flush=True)

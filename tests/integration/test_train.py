@@ -77,6 +77,19 @@ def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
+
+def test_eval_at_start_logs_the_starting_policy_as_step_zero(tiny_train_config, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(tiny_train_config(run_dir, "eval.at_start=true", "eval.at_end=true", "run.steps=2"))
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2] and result.step == 2
+    assert "eval/reverse_kl" in rows[0] and "loss/policy" not in rows[0]  # evaluated, not trained
+    assert rows[0]["eval/reverse_kl"] != rows[2]["eval/reverse_kl"]  # the same prompts, another policy
+    only = train(tiny_train_config(tmp_path / "only", "eval.at_start=true", "run.steps=0"))
+    assert [r["step"] for r in read_metrics(only.run_dir)] == [0] and only.checkpoint is None
+    assert only.metrics["eval/reverse_kl"] == pytest.approx(rows[0]["eval/reverse_kl"])  # same seed, same start
+
+
 def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
     """Tempered top-k/top-p sampling (advantages from a recomputed student forward), PPO epochs with
     ratio clipping, a discount, a log-ratio clip and a linear schedule with warmup."""

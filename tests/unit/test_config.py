@@ -87,7 +87,7 @@ def test_wrong_types(override, message):
     ("loss.clip_eps=1.5", r"loss.clip_eps must be in \(0, 1\)"),
     ("rollout.temperature=0", r"rollout.temperature must be > 0"),
     ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
-    ("run.steps=0", r"run.steps must be >= 1"),
+    ("run.steps=0", r"run.steps must be >= 1 \(or 0 with eval.at_start=true"),
     ("student.dtype=fp8", r"student.dtype='fp8' is not one of: float32, bfloat16, float16"),
     ("run.device=tpu", r"run.device='tpu'"),
     ("optim.schedule=step", r"optim.schedule='step' is not one of"),
