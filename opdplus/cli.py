@@ -29,7 +29,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)  # help is %-formatted
         cmd.set_defaults(_module=module_name)
         if name == selected:
             importlib.import_module(module_name).add_arguments(cmd)
