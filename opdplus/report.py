@@ -1,9 +1,11 @@
 """Tables and plots from run directories (`opdplus report RUN_DIR...`).
 
-A run directory holds ``metrics.jsonl`` (written by the training loop) and ``result.json`` (the final
-evaluation written by ``opdplus.sweep.run_one``). A directory without ``result.json`` is searched one
-level down, so a sweep's output directory can be passed as is. Runs of the same method (estimator /
-divergence) with different seeds are aggregated as mean ± std (sample std, n-1).
+A run directory holds ``metrics.jsonl`` (written by the training loop) and, for a sweep's runs,
+``result.json`` (the final evaluation written by ``opdplus.sweep.run_one``). A plain ``opdplus train``
+run without ``result.json`` is reported from its ``config.yaml`` and the last evaluation in its
+``metrics.jsonl``. A directory that is not a run is searched one level down, so a sweep's output
+directory can be passed as is. Runs of the same method (estimator / divergence) with different seeds
+are aggregated as mean ± std (sample std, n-1).
 """
 from __future__ import annotations
 
@@ -22,32 +24,55 @@ CURVES = (("eval/score", "held-out accuracy (eval/score, mean of tasks)"),
           ("eval/reverse_kl", "held-out reverse KL / token (eval/reverse_kl)"))
 
 
+def is_run(path: Path) -> bool:
+    return (path / RESULT_FILE).is_file() or (path / METRICS_FILE).is_file()
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     """Run directories among ``paths`` and their direct children, sorted, without duplicates."""
     found = []
     for path in paths:
         path = Path(path)
-        if (path / RESULT_FILE).is_file():
+        if is_run(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(child for child in path.iterdir() if (child / RESULT_FILE).is_file())
+            found += sorted(child for child in path.iterdir() if child.is_dir() and is_run(child))
     return sorted(set(found))
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    """``result.json`` plus the eval curve (the metrics lines that carry ``eval/`` keys)."""
-    record = json.loads((run_dir / RESULT_FILE).read_text())
-    curve = []
+    """``result.json`` (or, without it, ``record_from_metrics``) plus the eval curve (the metrics lines
+    that carry ``eval/`` keys)."""
+    rows = []
     metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except ValueError:
                 continue
-            if any(key.startswith("eval/") for key in row):
-                curve.append({"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}})
+    curve = [{"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
+             for row in rows if any(key.startswith("eval/") for key in row)]
+    result = run_dir / RESULT_FILE
+    record = json.loads(result.read_text()) if result.is_file() else record_from_metrics(run_dir, rows, curve)
     return {**record, "run_dir": str(run_dir), "curve": curve}
+
+
+def record_from_metrics(run_dir: Path, rows: list[dict[str, Any]], curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """A training run's row: the method from ``config.yaml``; accuracy (``eval/<task>/score``, decoded as
+    ``eval.score_decoding`` says) and held-out reverse KL from the last evaluation; wall = the summed
+    step and eval times."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    loss = (yaml.safe_load(config.read_text()) or {}).get("loss", {}) if config.is_file() else {}
+    divergence = str(loss.get("divergence", "?")) + (f":{loss['alpha']}" if loss.get("alpha") is not None else "")
+    last = curve[-1] if curve else {}
+    wall = sum(row.get("perf/step_s", 0.0) + row.get("perf/eval_s", 0.0) for row in rows)
+    return {"name": run_dir.name, "method": f"{loss.get('estimator', '?')}/{divergence}",
+            "steps": max((row["step"] for row in rows), default=0), "wall_s": wall if rows else None,
+            "reverse_kl": last.get("eval/reverse_kl"), "math_acc": last.get("eval/math/score"),
+            "tool_acc": last.get("eval/tool_use/score")}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -143,7 +168,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillat
     """``report.md`` (table + plot + the command) and ``curves.png`` in ``out_dir``; returns report.md."""
     runs = [load_run(d) for d in find_runs(run_dirs)]
     if not runs:
-        raise ValueError(f"no run directories with {RESULT_FILE} in {', '.join(map(str, run_dirs))}")
+        raise ValueError(f"no run directories (with {METRICS_FILE} or {RESULT_FILE}) in {', '.join(map(str, run_dirs))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(runs, out_dir / "curves.png", title)
@@ -151,9 +176,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillat
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
     parts += [markdown_table(aggregate(runs), fixed_rows), ""]
-    parts += ["Accuracy: greedy decoding on held-out items (per task); held-out reverse KL: exact KL(student ‖ teacher) "
-              "per completion token over the vocabulary, on student samples of the held-out prompts. "
-              "n = seeds; mean ± sample std.", ""]
+    parts += ["Sweep runs (result.json): accuracy by greedy decoding on held-out items (per task); held-out reverse KL: "
+              "exact KL(student ‖ teacher) per completion token over the vocabulary, on student samples of the "
+              "held-out prompts. Plain training runs: the last `eval/` line of metrics.jsonl (accuracy decoded as "
+              "eval.score_decoding says; reverse KL estimated on the sampled tokens). n = seeds; mean ± sample std.", ""]
     if plot is not None:
         parts += [f"![learning curves]({plot.name})", ""]
     if notes:
@@ -168,7 +194,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (with result.json), or directories that contain them (a sweep's output)")
+                        help="run directories (with metrics.jsonl or result.json), or directories that contain them (a sweep's output)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md and curves.png go (default: the first RUN_DIR)")
     parser.add_argument("--title", default="Distillation report")
 

@@ -1,0 +1,37 @@
+"""`opdplus report` on plain training runs (metrics.jsonl + config.yaml, no result.json)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opdplus.report import find_runs, load_run, run as report_run, write_report
+from opdplus.train import train
+from opdplus.train.metrics import read_metrics
+
+
+def test_report_of_two_training_runs(tiny_train_config, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, overrides in {"a": ["loss.estimator=opd"], "b": ["loss.divergence=alpha", "loss.alpha=0.5"]}.items():
+        train(tiny_train_config(runs / name, *overrides, "run.steps=2", "eval.every=1"))
+    (runs / "not_a_run").mkdir()
+    assert [p.name for p in find_runs([runs])] == ["a", "b"]
+    run_a = load_run(runs / "a")
+    last = read_metrics(runs / "a")[-1]
+    assert run_a["method"] == "opd/reverse_kl" and run_a["steps"] == 2
+    assert run_a["reverse_kl"] == last["eval/reverse_kl"] and run_a["wall_s"] > 0
+    assert [p["step"] for p in run_a["curve"]] == [1, 2]
+    assert load_run(runs / "b")["method"] == "opd_plus/alpha:0.5"
+
+    class Args:
+        run_dirs = [runs]
+        out = tmp_path / "out"
+        title = "two runs"
+
+    assert report_run(Args) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| opd/reverse_kl | 1 |" in text and "| opd_plus/alpha:0.5 | 1 |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {row["method"] for row in summary["rows"]} == {"opd/reverse_kl", "opd_plus/alpha:0.5"}
+    with pytest.raises(ValueError, match="no run directories"):
+        write_report([runs / "not_a_run"], tmp_path / "none")
