@@ -5,7 +5,7 @@ variants run alternately (A, B, C, A, B, C, ...) in one process; the median seco
 as completion tokens/s. The compiled variant's first call (compilation) is timed separately and excluded.
 Last line: ``{"bench": {"sampler": {"fast_over_hf": ..., "compiled_over_fast": ...}}}`` (> 1 = faster).
 
-    python bench/sampler.py [--quick] [--device cuda] [--compile | --no-compile]
+    python bench/sampler.py [--quick] [--device cuda] [--compile | --no-compile] [--head] [--vocab V ...]
 """
 from __future__ import annotations
 
@@ -67,7 +67,25 @@ def make_samplers(model, tokenizer, args: argparse.Namespace) -> dict:
     samplers = {"hf_generate": Sampler(model, tokenizer, settings, gen()), "fast": FastSampler(model, tokenizer, settings, gen())}
     if args.compile:
         samplers["fast_compiled"] = FastSampler(model, tokenizer, settings, gen(), compile=True)
+    if args.head:
+        samplers["fast_plain_head"] = PlainHead(FastSampler(model, tokenizer, settings, gen()))
     return samplers
+
+
+class PlainHead:
+    """A FastSampler whose decode step calls the LM head as ``head(h)``: times ``head_logits``' layout choice."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def sample_ids(self, prompts):
+        import opdplus.rollout.fast_sampler as fast_sampler
+
+        chosen, fast_sampler.head_logits = fast_sampler.head_logits, lambda head, hidden: head(hidden)
+        try:
+            return self.sampler.sample_ids(prompts)
+        finally:
+            fast_sampler.head_logits = chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time FastSampler(compile=True) (default: on, off with --quick: it compiles for ~1 min)")
+    parser.add_argument("--head", action="store_true",
+                        help="also time FastSampler with a plain head(h) call (what head_logits' layout choice gains)")
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "tok_s": {k: round(v, 2) for k, v in tok_s.items()},
         "config": {k: getattr(args, k) for k in (*FULL, "device", "dtype")},
     }
+    if "fast_plain_head" in tok_s:
+        result["head_layout_gain"] = ratio(tok_s["fast"], tok_s["fast_plain_head"])
     if "fast_compiled" in tok_s:
         result["compiled_over_fast"] = ratio(tok_s["fast_compiled"], tok_s["fast"])
         result["compile_first_call_s"] = round(warmup["fast_compiled"], 2)

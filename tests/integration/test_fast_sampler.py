@@ -135,3 +135,16 @@ def test_lora_student_direct_decoder_matches_teacher_forced_forward(tokenizer):
     with model.disable_adapter():  # the adapters change the log-probs, so the check above covers them
         base_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len).detach()
     assert (base_B_T - forced_B_T).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logits_equals_the_head_for_every_row_count(bias):
+    """The transposed CPU layout (2-8 rows, vocab >= 8192) and the plain call give the same logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 8192, bias=bias)
+    for rows in range(1, 11):
+        hidden_b_H = torch.randn(rows, 32)
+        torch.testing.assert_close(fast_sampler.head_logits(head, hidden_b_H), head(hidden_b_H), rtol=1e-5, atol=1e-5)
+    small = torch.nn.Linear(32, 64)
+    hidden_b_H = torch.randn(4, 32)
+    assert torch.equal(fast_sampler.head_logits(small, hidden_b_H), small(hidden_b_H))  # small heads: the call itself
