@@ -138,6 +138,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: rollout.max_new_tokens
     seed: int = 1234  # eval sampling has its own generator: it never perturbs training
     score_decoding: str = "sample"  # task scores of the temperature-1 samples (sample) or of greedy completions
+    forward_kl: bool = False  # also eval/forward_kl: KL(teacher || student) on teacher samples (needs a local teacher)
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,8 @@ def _validate_teachers(cfg: TrainConfig) -> None:
         _check(not (cfg.loss.teacher_signal == "exact" and t.url is not None),
                f"loss.teacher_signal=exact needs the teacher's full logits, so a local teacher ({key}.url is set); "
                "use loss.teacher_signal=topk with a served teacher")
+    _check(not (cfg.eval.forward_kl and any(t.url is not None for _, t in routes)),
+           "eval.forward_kl=true samples from the teacher, so it needs local teacher models (a teacher has a url)")
     tags = [r.task for r in cfg.teachers]
     _check(all(tags), "every entry of teachers needs a task tag: teachers: [{task: math, teacher: {...}}, ...]")
     _check(len(set(tags)) == len(tags), f"teachers: task tags must be distinct, got {tags}")

@@ -5,11 +5,13 @@ random stream (and a resumed run evaluates exactly like an uninterrupted one).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from opdplus.models.forward import completion_logprobs
 from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.rollout.types import RolloutBatch, Teacher
 from opdplus.tasks.base import Task, TaskItem
@@ -52,10 +54,12 @@ def evaluate(
     batch_size: int = 64,
     score_decoding: str = "sample",
     sampler_cls: type = Sampler,
+    forward_kl: bool = False,
 ) -> dict[str, float]:
     """``eval/reverse_kl`` (per token), ``eval/reverse_kl_seq`` (per completion) and ``eval/len_mean`` on
     student samples (temperature 1) for ``num_prompts`` items per task, and task scores (``eval/<task>/score``,
-    mean ``eval/score``) of those samples, or of greedy completions when ``score_decoding="greedy"``."""
+    mean ``eval/score``) of those samples, or of greedy completions when ``score_decoding="greedy"``.
+    With ``forward_kl``, also ``eval/forward_kl`` on teacher samples (see ``forward_kl_on_teacher_samples``)."""
     if score_decoding not in ("sample", "greedy"):
         raise ValueError(f"score_decoding must be sample or greedy, got {score_decoding!r}")
     device = next(model.parameters()).device
@@ -70,9 +74,48 @@ def evaluate(
         texts = completion_texts(tokenizer, greedy)
     else:
         texts = completion_texts(tokenizer, batch)
-    return {
+    metrics = {
         "eval/reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, batch.loss_mask_B_T),
         "eval/reverse_kl_seq": float(sequence_reverse_kl(batch).mean()),
         "eval/len_mean": float(batch.completion_lengths_B().double().mean()),
         **task_scores(tasks, items_by_task, texts),
     }
+    if forward_kl:
+        metrics["eval/forward_kl"] = forward_kl_on_teacher_samples(model, tokenizer, teacher, items_by_task,
+                                                                   settings, seed=seed, sampler_cls=sampler_cls)
+    return metrics
+
+
+def local_teacher_model(teacher: Teacher, task: str) -> tuple[torch.nn.Module, float]:
+    """(model, temperature) of the local teacher that scores ``task`` (a ``LocalTeacher``, or the route of a
+    ``RoutedTeacher``); ValueError for a served teacher, which cannot sample here."""
+    routes = getattr(teacher, "teachers", None)
+    local = routes[task] if routes is not None else teacher
+    model = getattr(local, "model", None)
+    if model is None:
+        raise ValueError(f"eval.forward_kl samples from the teacher of task {task!r}, which is not a local model")
+    return model, getattr(local, "temperature", 1.0)
+
+
+@torch.no_grad()
+def forward_kl_on_teacher_samples(model: torch.nn.Module, tokenizer: Any, teacher: Teacher,
+                                  items_by_task: dict[str, list[TaskItem]], settings: SamplingSettings, *, seed: int,
+                                  sampler_cls: type = Sampler) -> float:
+    """Forward KL(q || pi) per token, estimated on teacher samples of the held-out prompts:
+    mean over their tokens of log q - log pi. The mass-covering direction that reverse KL on student samples
+    cannot see: a student that collapses onto outputs the teacher tolerates has a small reverse KL and a
+    large forward KL."""
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for task, task_items in items_by_task.items():
+        teacher_model, temperature = local_teacher_model(teacher, task)
+        generator = torch.Generator(device=next(teacher_model.parameters()).device).manual_seed(seed)
+        with warnings.catch_warnings():  # a tempered teacher: sampling from q as scored is intended here
+            warnings.simplefilter("ignore")
+            samples = sampler_cls(teacher_model, tokenizer, replace(settings, temperature=temperature), generator).sample(task_items)
+        student_lp_B_T = completion_logprobs(model, samples.input_ids_B_T.to(device), samples.attention_mask_B_T.to(device),
+                                             samples.prompt_len).cpu()
+        mask_B_T = samples.loss_mask_B_T
+        total += float(torch.where(mask_B_T, samples.sampler_logprobs_B_T - student_lp_B_T, 0.0).double().sum())
+        tokens += int(mask_B_T.sum())
+    return total / max(tokens, 1)

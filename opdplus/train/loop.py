@@ -570,7 +570,8 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
         with dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
             result = evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
                               max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size,
-                              score_decoding=cfg.eval.score_decoding, sampler_cls=sampler_class(cfg.rollout.sampler))
+                              score_decoding=cfg.eval.score_decoding, sampler_cls=sampler_class(cfg.rollout.sampler),
+                              forward_kl=cfg.eval.forward_kl)
         return {**result, "perf/eval_s": time.perf_counter() - t0}
 
     try:

@@ -340,3 +340,20 @@ def test_tensorboard_logging(tiny_train_config, tmp_path):
     logged = [e.value for e in events.Scalars("loss/policy")]
     assert len(logged) == 3
     assert logged == pytest.approx([m["loss/policy"] for m in read_metrics(result.run_dir)], rel=1e-6)
+
+
+def test_eval_forward_kl_on_teacher_samples(tiny_train_config, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdplus.rollout.teacher import LocalTeacher
+    from opdplus.tasks.base import get_task
+    from opdplus.train.evaluate import evaluate
+
+    result = train(tiny_train_config(tmp_path / "run", "eval.forward_kl=true", "eval.at_end=true", "run.steps=1"))
+    row = read_metrics(result.run_dir)[-1]
+    assert math.isfinite(row["eval/forward_kl"]) and row["eval/forward_kl"] > 0.01  # two different random models
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    same = evaluate(model, tokenizer, LocalTeacher(model), {"contains": get_task("contains")}, num_prompts=4,
+                    max_new_tokens=6, seed=0, forward_kl=True)
+    assert abs(same["eval/forward_kl"]) < 1e-4 and abs(same["eval/reverse_kl"]) < 1e-4  # the teacher against itself

@@ -143,3 +143,9 @@ def test_optional_loggers_must_be_installed():
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ConfigError, match="run.wandb=true needs wandb"):
             load_config(None, ["run.wandb=true"])
+
+
+def test_forward_kl_eval_needs_a_local_teacher():
+    with pytest.raises(ConfigError, match="eval.forward_kl=true samples from the teacher"):
+        load_config(None, ["eval.forward_kl=true", "teacher.url=http://127.0.0.1:9"])
+    assert load_config(None, ["eval.forward_kl=true"]).eval.forward_kl
