@@ -20,6 +20,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+# The tensor fields of a RolloutBatch: aligned with input_ids_B_T column by column, and all of them (per row).
+_PER_TOKEN = ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T",
+              "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")
+_TENSORS = (*_PER_TOKEN, "truncated_B")
+
 
 @dataclass
 class RolloutBatch:
@@ -62,20 +67,14 @@ class RolloutBatch:
     def columns(self, width: int) -> "RolloutBatch":
         """The first ``width`` columns of every per-token tensor (drops trailing padding columns)."""
         cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
-        return replace(self, **{name: cut(getattr(self, name)) for name in (
-            "input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T",
-            "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")})
+        return replace(self, **{name: cut(getattr(self, name)) for name in _PER_TOKEN})
 
     def completion_lengths_B(self) -> torch.Tensor:
         return self.loss_mask_B_T.sum(-1)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
-        moved = {
-            name: (getattr(self, name).to(device) if isinstance(getattr(self, name), torch.Tensor) else getattr(self, name))
-            for name in ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T",
-                         "teacher_logprobs_B_T", "truncated_B", "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")
-        }
-        return replace(self, **moved)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, **{name: move(getattr(self, name)) for name in _TENSORS})
 
     def select(self, rows: slice | torch.Tensor | list[int]) -> "RolloutBatch":
         """A sub-batch of rows (for micro-batching); keeps the column layout."""
@@ -84,14 +83,7 @@ class RolloutBatch:
         listed = list(range(self.batch_size))[idx] if isinstance(idx, slice) else idx.tolist()
         return replace(
             self,
-            input_ids_B_T=pick(self.input_ids_B_T),
-            attention_mask_B_T=pick(self.attention_mask_B_T),
-            loss_mask_B_T=pick(self.loss_mask_B_T),
-            sampler_logprobs_B_T=pick(self.sampler_logprobs_B_T),
-            teacher_logprobs_B_T=pick(self.teacher_logprobs_B_T),
-            truncated_B=pick(self.truncated_B),
-            teacher_topk_ids_B_T_K=pick(self.teacher_topk_ids_B_T_K),
-            teacher_topk_logprobs_B_T_K=pick(self.teacher_topk_logprobs_B_T_K),
+            **{name: pick(getattr(self, name)) for name in _TENSORS},
             tasks=[self.tasks[i] for i in listed] if self.tasks else [],
             meta=[self.meta[i] for i in listed] if self.meta else [],
         )
