@@ -2,6 +2,7 @@
 
 Every benchmark prints a table and, as its last line, one JSON object ``{"bench": {name: {...}}}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ import resource
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +29,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_json_worker(script: str, args: Sequence[str], *, threads: int | None = None, timeout: float = 1800) -> dict[str, Any]:
+def run_json_worker(
+    script: str, args: Sequence[str], *, threads: int | None = None, timeout: float = 1800
+) -> dict[str, Any]:
     """Run ``python <script> <args>`` in a fresh process and parse the JSON object on its last stdout line."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     if threads:

@@ -11,6 +11,7 @@ Last line: ``{"bench": {"flops": {"fraction_of_peak": ..., ...}}}``.
 
     python bench/flops.py [--quick] [--device cuda] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,16 @@ def build_student(device: str, dtype):
     from opdplus.models.tiny import build_tiny_model
 
     m = MODEL
-    model = build_tiny_model(m["vocab"], hidden_size=m["hidden"], num_layers=m["layers"], num_heads=m["heads"],
-                             num_kv_heads=m["kv_heads"], intermediate_size=m["intermediate"], max_positions=4096,
-                             initializer_range=0.02)
+    model = build_tiny_model(
+        m["vocab"],
+        hidden_size=m["hidden"],
+        num_layers=m["layers"],
+        num_heads=m["heads"],
+        num_kv_heads=m["kv_heads"],
+        intermediate_size=m["intermediate"],
+        max_positions=4096,
+        initializer_range=0.02,
+    )
     return model.to(device=device, dtype=dtype)
 
 
@@ -72,8 +80,10 @@ def synthetic_batch(vocab: int, batch: int, seq: int, prompt: int):
     loss_mask[:, prompt:] = True
     rollout = RolloutBatch(
         input_ids_B_T=torch.randint(3, vocab, (batch, seq), generator=g),
-        attention_mask_B_T=torch.ones(batch, seq, dtype=torch.bool), loss_mask_B_T=loss_mask,
-        sampler_logprobs_B_T=torch.where(loss_mask, -torch.rand(batch, seq, generator=g) * 5, 0.0), prompt_len=prompt,
+        attention_mask_B_T=torch.ones(batch, seq, dtype=torch.bool),
+        loss_mask_B_T=loss_mask,
+        sampler_logprobs_B_T=torch.where(loss_mask, -torch.rand(batch, seq, generator=g) * 5, 0.0),
+        prompt_len=prompt,
     )
     return rollout, torch.where(loss_mask, torch.randn(batch, seq, generator=g), 0.0)
 
@@ -103,10 +113,12 @@ def phase_seconds(model, rollout, advantages, device: str, fused: bool) -> dict[
     for _ in range(2):  # the first pass allocates optimizer state; keep the second
         sync(device)
         start = time.perf_counter()
-        student_lp = completion_logprobs(model, rollout.input_ids_B_T.to(device), rollout.attention_mask_B_T.to(device),
-                                         rollout.prompt_len)
-        loss = policy_loss(student_lp, rollout.sampler_logprobs_B_T.to(device), advantages.to(device),
-                           rollout.loss_mask_B_T.to(device))
+        student_lp = completion_logprobs(
+            model, rollout.input_ids_B_T.to(device), rollout.attention_mask_B_T.to(device), rollout.prompt_len
+        )
+        loss = policy_loss(
+            student_lp, rollout.sampler_logprobs_B_T.to(device), advantages.to(device), rollout.loss_mask_B_T.to(device)
+        )
         sync(device)
         forward_done = time.perf_counter()
         loss.backward()
@@ -116,8 +128,11 @@ def phase_seconds(model, rollout, advantages, device: str, fused: bool) -> dict[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        times = {"forward": forward_done - start, "backward": backward_done - forward_done,
-                 "optimizer": time.perf_counter() - backward_done}
+        times = {
+            "forward": forward_done - start,
+            "backward": backward_done - forward_done,
+            "optimizer": time.perf_counter() - backward_done,
+        }
     return times
 
 
@@ -148,8 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     def update() -> float:
         sync(args.device)
         start = time.perf_counter()
-        update_policy(model, optimizer, scheduler, rollout, advantages, micro_batch_size=args.batch, clip_eps=None,
-                      max_grad_norm=1.0)
+        update_policy(
+            model,
+            optimizer,
+            scheduler,
+            rollout,
+            advantages,
+            micro_batch_size=args.batch,
+            clip_eps=None,
+            max_grad_norm=1.0,
+        )
         sync(args.device)
         return time.perf_counter() - start
 
@@ -163,33 +186,53 @@ def main(argv: list[str] | None = None) -> int:
     phases = {fused: phase_seconds(model, rollout, advantages, args.device, fused) for fused in (False, True)}
     achieved, achieved_attn = dense / step_s, (dense + attention) / step_s
     params = sum(p.numel() for p in model.parameters())
-    print(f"update-step FLOP/s: {params / 1e6:.1f}M-parameter student, batch {args.batch} x {args.seq} tokens "
-          f"({args.seq - args.prompt} completion), {args.device}/{str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds; matmul peak from {args.matmul}^2 matmuls")
-    print(format_table(["quantity", "value"], [
-        ["matmul peak GFLOP/s (best)", peak / 1e9],
-        ["update step s (median)", step_s],
-        ["update GFLOP/s (6N)", achieved / 1e9],
-        ["update GFLOP/s (6N + attention)", achieved_attn / 1e9],
-        ["fraction of peak (6N)", achieved / peak],
-        ["fraction of peak (6N + attention)", achieved_attn / peak],
-    ]))
+    print(
+        f"update-step FLOP/s: {params / 1e6:.1f}M-parameter student, batch {args.batch} x {args.seq} tokens "
+        f"({args.seq - args.prompt} completion), {args.device}/{str(dtype).removeprefix('torch.')}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds; matmul peak from {args.matmul}^2 matmuls"
+    )
+    print(
+        format_table(
+            ["quantity", "value"],
+            [
+                ["matmul peak GFLOP/s (best)", peak / 1e9],
+                ["update step s (median)", step_s],
+                ["update GFLOP/s (6N)", achieved / 1e9],
+                ["update GFLOP/s (6N + attention)", achieved_attn / 1e9],
+                ["fraction of peak (6N)", achieved / peak],
+                ["fraction of peak (6N + attention)", achieved_attn / peak],
+            ],
+        )
+    )
     base = phases[False]
     print("phases of one update (loop pieces; forward = 2N, backward = 4N of the 6N FLOPs):")
-    print(format_table(["phase", "seconds", "fraction of peak"], [
-        ["forward", base["forward"], dense / 3 / base["forward"] / peak],
-        ["backward", base["backward"], dense * 2 / 3 / base["backward"] / peak],
-        ["optimizer (AdamW, for-each/loop)", base["optimizer"], "-"],
-        ["optimizer (AdamW, fused=True)", phases[True]["optimizer"], "-"],
-    ]))
-    emit("flops", {
-        "fraction_of_peak": round(achieved / peak, 4),
-        "fraction_of_peak_with_attention": round(achieved_attn / peak, 4),
-        "update_gflops": round(achieved / 1e9, 2), "peak_gflops": round(peak / 1e9, 2), "update_step_s": round(step_s, 4),
-        "params_m": round(params / 1e6, 2),
-        "phases_s": {**{k: round(v, 4) for k, v in base.items()}, "optimizer_fused": round(phases[True]["optimizer"], 4)},
-        "config": {**MODEL, **{k: getattr(args, k) for k in (*FULL, "device", "threads")}, "dtype": str(dtype)},
-    })
+    print(
+        format_table(
+            ["phase", "seconds", "fraction of peak"],
+            [
+                ["forward", base["forward"], dense / 3 / base["forward"] / peak],
+                ["backward", base["backward"], dense * 2 / 3 / base["backward"] / peak],
+                ["optimizer (AdamW, for-each/loop)", base["optimizer"], "-"],
+                ["optimizer (AdamW, fused=True)", phases[True]["optimizer"], "-"],
+            ],
+        )
+    )
+    emit(
+        "flops",
+        {
+            "fraction_of_peak": round(achieved / peak, 4),
+            "fraction_of_peak_with_attention": round(achieved_attn / peak, 4),
+            "update_gflops": round(achieved / 1e9, 2),
+            "peak_gflops": round(peak / 1e9, 2),
+            "update_step_s": round(step_s, 4),
+            "params_m": round(params / 1e6, 2),
+            "phases_s": {
+                **{k: round(v, 4) for k, v in base.items()},
+                "optimizer_fused": round(phases[True]["optimizer"], 4),
+            },
+            "config": {**MODEL, **{k: getattr(args, k) for k in (*FULL, "device", "threads")}, "dtype": str(dtype)},
+        },
+    )
     return 0
 
 

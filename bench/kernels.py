@@ -8,6 +8,7 @@ and the median time per variant is reported. Prints a table and, last, one JSON 
 
     python bench/kernels.py [--quick] [--device cuda] [--dtype bfloat16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_worker(variant: str, batch: int, seq: int, hidden: int, vocab: int, chunk: int, reps: int, device: str,
-               dtype_name: str) -> dict:
+def run_worker(
+    variant: str, batch: int, seq: int, hidden: int, vocab: int, chunk: int, reps: int, device: str, dtype_name: str
+) -> dict:
     """Time forward+backward of one variant ``reps`` times; peak memory of the first call."""
     import torch
 
@@ -55,8 +57,9 @@ def run_worker(variant: str, batch: int, seq: int, hidden: int, vocab: int, chun
         elif variant == "exact_naive":
             value = exact_divergence(student_head(student_hidden), teacher_head(teacher_hidden), "forward_kl")
         else:
-            value = chunked_exact_divergence(student_hidden, student_head, teacher_hidden, teacher_head, "forward_kl",
-                                             chunk_size=chunk)
+            value = chunked_exact_divergence(
+                student_hidden, student_head, teacher_hidden, teacher_head, "forward_kl", chunk_size=chunk
+            )
         value.float().mean().backward()
         student_hidden.grad = None
         student_head.weight.grad = None
@@ -80,9 +83,28 @@ def run_worker(variant: str, batch: int, seq: int, hidden: int, vocab: int, chun
 
 
 def spawn(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--chunk", str(args.chunk),
-           "--reps", str(args.reps), "--device", args.device, "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--hidden",
+        str(args.hidden),
+        "--vocab",
+        str(args.vocab),
+        "--chunk",
+        str(args.chunk),
+        "--reps",
+        str(args.reps),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -106,18 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     args.reps = args.reps or (1 if args.quick else 3)
     args.rounds = args.rounds or (1 if args.quick else 2)
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.batch, args.seq, args.hidden, args.vocab, args.chunk,
-                                    args.reps, args.device, args.dtype)))
+        print(
+            json.dumps(
+                run_worker(
+                    args.worker,
+                    args.batch,
+                    args.seq,
+                    args.hidden,
+                    args.vocab,
+                    args.chunk,
+                    args.reps,
+                    args.device,
+                    args.dtype,
+                )
+            )
+        )
         return 0
 
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for variant in VARIANTS:  # naive and chunked alternate
             results[variant].append(spawn(variant, args))
-    summary = {v: {"peak_mb": max(r["peak_mb"] for r in rs), "seconds": statistics.median(r["seconds"] for r in rs)}
-               for v, rs in results.items()}
-    print(f"kernels: B={args.batch} T={args.seq} H={args.hidden} V={args.vocab} chunk={args.chunk} "
-          f"device={args.device} dtype={args.dtype}; forward + backward, median of {args.rounds}x{args.reps}")
+    summary = {
+        v: {"peak_mb": max(r["peak_mb"] for r in rs), "seconds": statistics.median(r["seconds"] for r in rs)}
+        for v, rs in results.items()
+    }
+    print(
+        f"kernels: B={args.batch} T={args.seq} H={args.hidden} V={args.vocab} chunk={args.chunk} "
+        f"device={args.device} dtype={args.dtype}; forward + backward, median of {args.rounds}x{args.reps}"
+    )
     print(f"{'variant':<18}{'seconds':>10}{'peak MB':>10}")
     for variant, s in summary.items():
         print(f"{variant:<18}{s['seconds']:>10.3f}{s['peak_mb']:>10.0f}")
@@ -126,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         naive, chunked = summary[f"{kind}_naive"], summary[f"{kind}_chunked"]
         ratios[f"{kind}_memory_ratio"] = chunked["peak_mb"] / max(naive["peak_mb"], 1e-9)
         ratios[f"{kind}_time_ratio"] = chunked["seconds"] / naive["seconds"]
-        print(f"{kind}: chunked/naive peak memory {ratios[f'{kind}_memory_ratio']:.3f}, "
-              f"time {ratios[f'{kind}_time_ratio']:.2f}")
+        print(
+            f"{kind}: chunked/naive peak memory {ratios[f'{kind}_memory_ratio']:.3f}, "
+            f"time {ratios[f'{kind}_time_ratio']:.2f}"
+        )
     config = {k: getattr(args, k) for k in ("batch", "seq", "hidden", "vocab", "chunk", "device", "dtype")}
     print(json.dumps({"bench": {"kernels": {**ratios, "config": config, "results": summary}}}))
     return 0

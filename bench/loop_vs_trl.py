@@ -22,6 +22,7 @@ ours/TRL (> 1 = we are faster for tok/s; < 1 = we use less memory).
 
     python bench/loop_vs_trl.py [--quick] [--device cuda] [--our-sampler hf|fast]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,26 +35,59 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, format_table, peak_rss_mb, ratio, rss_mb, run_json_worker  # noqa: E402
 
-QUICK = dict(vocab=49152, student_hidden=64, student_layers=2, teacher_hidden=128, teacher_layers=3, batch=4,
-             new_tokens=32, steps=2, warmup=1, rounds=2)
-FULL = dict(vocab=49152, student_hidden=256, student_layers=4, teacher_hidden=512, teacher_layers=6, batch=8,
-            new_tokens=128, steps=3, warmup=1, rounds=3)
+QUICK = dict(
+    vocab=49152,
+    student_hidden=64,
+    student_layers=2,
+    teacher_hidden=128,
+    teacher_layers=3,
+    batch=4,
+    new_tokens=32,
+    steps=2,
+    warmup=1,
+    rounds=2,
+)
+FULL = dict(
+    vocab=49152,
+    student_hidden=256,
+    student_layers=4,
+    teacher_hidden=512,
+    teacher_layers=6,
+    batch=8,
+    new_tokens=128,
+    steps=3,
+    warmup=1,
+    rounds=3,
+)
 PHASES = ("sample", "score", "update", "total")
 
 
 # ---------------------------------------------------------------- shared setup (parent process)
+
 
 def save_models(workdir: Path, args: argparse.Namespace) -> None:
     """Student and teacher as HF directories with the character tokenizer; model vocab = ``args.vocab``."""
     from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer()
-    for name, hidden, layers, seed in (("student", args.student_hidden, args.student_layers, 0),
-                                       ("teacher", args.teacher_hidden, args.teacher_layers, 1)):
-        model = build_tiny_model(max(args.vocab, len(tokenizer)), hidden_size=hidden, num_layers=layers,
-                                 num_heads=4, num_kv_heads=2, intermediate_size=4 * hidden, seed=seed,
-                                 max_positions=512, initializer_range=0.02, pad_token_id=tokenizer.pad_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    for name, hidden, layers, seed in (
+        ("student", args.student_hidden, args.student_layers, 0),
+        ("teacher", args.teacher_hidden, args.teacher_layers, 1),
+    ):
+        model = build_tiny_model(
+            max(args.vocab, len(tokenizer)),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=4 * hidden,
+            seed=seed,
+            max_positions=512,
+            initializer_range=0.02,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model.save_pretrained(workdir / name)
         tokenizer.save_pretrained(workdir / name)
 
@@ -67,17 +101,33 @@ def prompt_texts(n: int, seed: int = 0) -> list[str]:
 
 # ---------------------------------------------------------------- workers (one trainer per process)
 
+
 def our_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     w = Path(args.workdir)
     overrides = [
-        f"run.dir={run_dir}", f"run.steps={args.warmup + args.steps}", f"run.device={args.device}",
-        f"run.threads={args.threads}", "run.progress=none", "run.checkpoint_every=0", "run.keep_checkpoints=1",
-        f"student.model={w / 'student'}", f"teacher.model={w / 'teacher'}", f"teacher.batch_size={args.batch}",
-        "data.tasks=[contains]", f"data.prompts_per_step={args.batch}",
-        f"rollout.max_new_tokens={args.new_tokens}", "rollout.samples_per_prompt=1", f"rollout.batch_size={args.batch}",
+        f"run.dir={run_dir}",
+        f"run.steps={args.warmup + args.steps}",
+        f"run.device={args.device}",
+        f"run.threads={args.threads}",
+        "run.progress=none",
+        "run.checkpoint_every=0",
+        "run.keep_checkpoints=1",
+        f"student.model={w / 'student'}",
+        f"teacher.model={w / 'teacher'}",
+        f"teacher.batch_size={args.batch}",
+        "data.tasks=[contains]",
+        f"data.prompts_per_step={args.batch}",
+        f"rollout.max_new_tokens={args.new_tokens}",
+        "rollout.samples_per_prompt=1",
+        f"rollout.batch_size={args.batch}",
         f"rollout.sampler={args.our_sampler}",
-        "loss.divergence=reverse_kl", "loss.estimator=opd_plus", f"loss.micro_batch_size={args.batch}",
-        "loss.clip_eps=null", "optim.lr=1.0e-5", "optim.max_grad_norm=1.0", "eval.at_end=false",
+        "loss.divergence=reverse_kl",
+        "loss.estimator=opd_plus",
+        f"loss.micro_batch_size={args.batch}",
+        "loss.clip_eps=null",
+        "optim.lr=1.0e-5",
+        "optim.max_grad_norm=1.0",
+        "eval.at_end=false",
     ]
     return overrides + list(args.our_override or [])
 
@@ -89,11 +139,18 @@ def run_ours(args: argparse.Namespace) -> list[dict]:
     run_dir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="ours-"))
     train(load_config(None, our_overrides(args, run_dir)), overwrite=True)
     steps = []
-    for row in read_metrics(run_dir)[args.warmup:]:
+    for row in read_metrics(run_dir)[args.warmup :]:
         tokens = row["rollout/tokens"]
         sample_s, score_s = tokens / row["perf/sample_tok_s"], tokens / row["perf/score_tok_s"]
-        steps.append({"tokens": tokens, "sample": sample_s, "score": score_s, "total": row["perf/step_s"],
-                      "update": row["perf/step_s"] - sample_s - score_s})
+        steps.append(
+            {
+                "tokens": tokens,
+                "sample": sample_s,
+                "score": score_s,
+                "total": row["perf/step_s"],
+                "update": row["perf/step_s"] - sample_s - score_s,
+            }
+        )
     return steps
 
 
@@ -103,10 +160,15 @@ class _TRLTimer:
     def __init__(self, trainer) -> None:
         self.trainer, self.steps, self.current = trainer, [], None
         self.student = trainer.accelerator.unwrap_model(trainer.model)
-        generate, hidden, score = trainer._generate_single_turn, trainer._get_last_hidden_state, trainer._generate_and_score_completions
+        generate, hidden, score = (
+            trainer._generate_single_turn,
+            trainer._get_last_hidden_state,
+            trainer._generate_and_score_completions,
+        )
         trainer._generate_single_turn = self._timed(generate, "sample")
         trainer._get_last_hidden_state = lambda model, *a, **k: (
-            self._timed(hidden, "score")(model, *a, **k) if model is not self.student else hidden(model, *a, **k))
+            self._timed(hidden, "score")(model, *a, **k) if model is not self.student else hidden(model, *a, **k)
+        )
         trainer._generate_and_score_completions = self._count_tokens(score)
 
     def _timed(self, fn, phase: str):
@@ -116,6 +178,7 @@ class _TRLTimer:
             _sync(self.trainer.args.device)
             self.current[phase] += time.perf_counter() - start
             return out
+
         return wrapper
 
     def _count_tokens(self, fn):
@@ -123,6 +186,7 @@ class _TRLTimer:
             out = fn(*a, **k)
             self.current["tokens"] += float(out["completion_mask"].sum())
             return out
+
         return wrapper
 
     def callback(self):
@@ -154,19 +218,39 @@ def run_trl(args: argparse.Namespace) -> list[dict]:
     total_steps = args.warmup + args.steps
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in prompt_texts(total_steps * args.batch * 2)])
     config = DistillationConfig(
-        output_dir=str(Path(tempfile.mkdtemp(dir=w, prefix="trl-"))), per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=1e-5, max_grad_norm=1.0,
-        beta=1.0, temperature=1.0, max_completion_length=args.new_tokens, bf16=False, fp16=False,
-        gradient_checkpointing=False, logging_steps=10_000, save_strategy="no", report_to="none",
-        use_cpu=args.device == "cpu", dataloader_num_workers=0, seed=0, disable_dropout=True,
-        model_init_kwargs={"dtype": "float32"}, teacher_model_init_kwargs={"dtype": "float32"},
+        output_dir=str(Path(tempfile.mkdtemp(dir=w, prefix="trl-"))),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=total_steps,
+        learning_rate=1e-5,
+        max_grad_norm=1.0,
+        beta=1.0,
+        temperature=1.0,
+        max_completion_length=args.new_tokens,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        seed=0,
+        disable_dropout=True,
+        model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": "float32"},
     )
-    trainer = DistillationTrainer(model=str(w / "student"), teacher_model=str(w / "teacher"), args=config,
-                                  train_dataset=dataset, processing_class=tokenizer)
+    trainer = DistillationTrainer(
+        model=str(w / "student"),
+        teacher_model=str(w / "teacher"),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     timer = _TRLTimer(trainer)
     trainer.add_callback(timer.callback())
     trainer.train()
-    return timer.steps[args.warmup:]
+    return timer.steps[args.warmup :]
 
 
 def _sync(device) -> None:
@@ -195,6 +279,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- driver
+
 
 def summarize(runs: list[dict]) -> dict:
     """tok/s per phase over all measured steps of all runs of one side, and the median peak memory."""
@@ -249,20 +334,40 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = args.workdir or tmp
         result = drive(args)
     ours, theirs = result["ours"], result["trl"]
-    print(f"loop vs TRL DistillationTrainer: vocab {args.vocab}, student {args.student_hidden}x{args.student_layers}, "
-          f"teacher {args.teacher_hidden}x{args.teacher_layers}, batch {args.batch}, {args.new_tokens} new tokens, "
-          f"{args.device}, {args.threads} thread(s), {args.rounds} alternating rounds x {args.steps} steps "
-          f"(+{args.warmup} warm-up), our sampler: {args.our_sampler}")
-    rows = [[f"{phase} tok/s", ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"],
-             ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"])] for phase in PHASES]
-    rows.append(["peak memory MB", ours["peak_mem_mb"], theirs["peak_mem_mb"], ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"])])
+    print(
+        f"loop vs TRL DistillationTrainer: vocab {args.vocab}, student {args.student_hidden}x{args.student_layers}, "
+        f"teacher {args.teacher_hidden}x{args.teacher_layers}, batch {args.batch}, {args.new_tokens} new tokens, "
+        f"{args.device}, {args.threads} thread(s), {args.rounds} alternating rounds x {args.steps} steps "
+        f"(+{args.warmup} warm-up), our sampler: {args.our_sampler}"
+    )
+    rows = [
+        [
+            f"{phase} tok/s",
+            ours[f"{phase}_tok_s"],
+            theirs[f"{phase}_tok_s"],
+            ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]),
+        ]
+        for phase in PHASES
+    ]
+    rows.append(
+        [
+            "peak memory MB",
+            ours["peak_mem_mb"],
+            theirs["peak_mem_mb"],
+            ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
+        ]
+    )
     print(format_table(["quantity", "ours", "trl", "ours/trl"], rows))
-    emit("loop_vs_trl", {
-        **{f"{phase}_tok_s_ratio": ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]) for phase in PHASES},
-        "peak_mem_ratio": ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
-        "ours": ours, "trl": theirs,
-        "config": {k: getattr(args, k) for k in (*FULL, "device", "threads", "our_sampler")},
-    })
+    emit(
+        "loop_vs_trl",
+        {
+            **{f"{phase}_tok_s_ratio": ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]) for phase in PHASES},
+            "peak_mem_ratio": ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
+            "ours": ours,
+            "trl": theirs,
+            "config": {k: getattr(args, k) for k in (*FULL, "device", "threads", "our_sampler")},
+        },
+    )
     return 0
 
 

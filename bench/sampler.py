@@ -7,6 +7,7 @@ Last line: ``{"bench": {"sampler": {"fast_over_hf": ..., "compiled_over_fast": .
 
     python bench/sampler.py [--quick] [--device cuda] [--compile | --no-compile] [--head] [--vocab V ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,16 @@ def build(args: argparse.Namespace):
 
     from opdplus.models.tiny import build_tiny_model
 
-    model = build_tiny_model(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                             num_kv_heads=args.kv_heads, intermediate_size=4 * args.hidden,
-                             max_positions=args.prompt + args.new_tokens + 8, initializer_range=0.02)
+    model = build_tiny_model(
+        args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=4 * args.hidden,
+        max_positions=args.prompt + args.new_tokens + 8,
+        initializer_range=0.02,
+    )
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(max(1, args.prompt // 4), args.prompt + 1, (args.batch,), generator=rng)
@@ -39,6 +47,7 @@ def build(args: argparse.Namespace):
 
 class _Tokenizer:
     """The two attributes the samplers read from a tokenizer (pad 0, EOS 2 as in ``build_tiny_model``)."""
+
     pad_token_id = 0
     eos_token_id = 2
 
@@ -64,7 +73,10 @@ def make_samplers(model, tokenizer, args: argparse.Namespace) -> dict:
 
     settings = SamplingSettings(max_new_tokens=args.new_tokens, batch_size=args.batch)
     gen = lambda: torch.Generator(device=args.device).manual_seed(0)  # noqa: E731
-    samplers = {"hf_generate": Sampler(model, tokenizer, settings, gen()), "fast": FastSampler(model, tokenizer, settings, gen())}
+    samplers = {
+        "hf_generate": Sampler(model, tokenizer, settings, gen()),
+        "fast": FastSampler(model, tokenizer, settings, gen()),
+    }
     if args.compile:
         samplers["fast_compiled"] = FastSampler(model, tokenizer, settings, gen(), compile=True)
     if args.head:
@@ -93,11 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time FastSampler(compile=True) (default: on, off with --quick: it compiles for ~1 min)")
-    parser.add_argument("--head", action="store_true",
-                        help="also time FastSampler with a plain head(h) call (what head_logits' layout choice gains)")
-    for key, value in FULL.items():
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time FastSampler(compile=True) (default: on, off with --quick: it compiles for ~1 min)",
+    )
+    parser.add_argument(
+        "--head",
+        action="store_true",
+        help="also time FastSampler with a plain head(h) call (what head_logits' layout choice gains)",
+    )
+    for key in FULL:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -118,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             tokens[name] = produced
     tok_s = {name: tokens[name] / median(seconds[name]) for name in samplers}
     rows = [[name, tokens[name], median(seconds[name]), tok_s[name], warmup[name]] for name in samplers]
-    print(f"sampler benchmark: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
-          f"prompts <= {args.prompt}, {args.new_tokens} new tokens, {args.device}/{args.dtype}, {args.rounds} rounds")
+    print(
+        f"sampler benchmark: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
+        f"prompts <= {args.prompt}, {args.new_tokens} new tokens, {args.device}/{args.dtype}, {args.rounds} rounds"
+    )
     print(format_table(["variant", "tokens", "median_s", "tok_per_s", "first_call_s"], rows))
     result = {
         "fast_over_hf": ratio(tok_s["fast"], tok_s["hf_generate"]),

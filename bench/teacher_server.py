@@ -8,6 +8,7 @@ one JSON line ``{"bench": {"teacher_server": {...}}}``.
 
     python bench/teacher_server.py [--model DIR] [--clients 1,8,32] [--requests 20] [--rows 2] [--tokens 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ def tiny_model_dir(out: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 
@@ -43,10 +51,22 @@ def start_server(model: str, log_path: Path, extra: list[str]) -> tuple[subproce
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "opdplus", "serve-teacher", "--model", model, "--port", str(port),
-           "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "opdplus",
+        "serve-teacher",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -66,8 +86,9 @@ async def client(url: str, seed: int, n_requests: int, rows: int, tokens: int, v
         for _ in range(n_requests):
             prompts = [[gen.randrange(vocab) for _ in range(tokens)] for _ in range(rows)]
             start = time.perf_counter()
-            response = await http.post("/v1/completions", json={"prompt": prompts, "echo": True, "max_tokens": 0,
-                                                                 "prompt_logprobs": 0})
+            response = await http.post(
+                "/v1/completions", json={"prompt": prompts, "echo": True, "max_tokens": 0, "prompt_logprobs": 0}
+            )
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
     return latencies
@@ -78,8 +99,9 @@ def measure(url: str, clients: int, args: argparse.Namespace, vocab: int) -> dic
     start = time.perf_counter()
 
     async def run_all() -> list[list[float]]:
-        return await asyncio.gather(*(client(url, seed, args.requests, args.rows, args.tokens, vocab)
-                                      for seed in range(clients)))
+        return await asyncio.gather(
+            *(client(url, seed, args.requests, args.rows, args.tokens, vocab) for seed in range(clients))
+        )
 
     latencies = sorted(x for per_client in asyncio.run(run_all()) for x in per_client)
     elapsed = time.perf_counter() - start
@@ -113,11 +135,15 @@ def main() -> None:
         finally:
             proc.kill()
             proc.wait()
-    print(f"teacher server: {args.rows} prompts x {args.tokens} tokens per request, {args.requests} requests per client")
+    print(
+        f"teacher server: {args.rows} prompts x {args.tokens} tokens per request, {args.requests} requests per client"
+    )
     print(f"{'clients':>8}{'req/s':>10}{'tok/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'prompts/fwd':>13}")
     for r in results:
-        print(f"{r['clients']:>8}{r['requests_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['p50_ms']:>10.1f}"
-              f"{r['p99_ms']:>10.1f}{r['prompts_per_forward']:>13.1f}")
+        print(
+            f"{r['clients']:>8}{r['requests_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['p50_ms']:>10.1f}"
+            f"{r['p99_ms']:>10.1f}{r['prompts_per_forward']:>13.1f}"
+        )
     config = {"model": args.model or "tiny", "rows": args.rows, "tokens": args.tokens, "requests": args.requests}
     print(json.dumps({"bench": {"teacher_server": {"config": config, "results": results}}}))
 

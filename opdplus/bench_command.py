@@ -5,6 +5,7 @@ them one after another (their output streams through), then prints one merged ``
 last. A script that fails is reported as ``{"<name>": {"error": ...}}`` and makes the exit status 1.
 The scripts live in the source tree, next to the package (they are not installed with it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ BENCHMARKS = ("kernels", "sampler", "flops", "loop_vs_trl")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small configurations (a few minutes on a laptop CPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: each script's own default, cpu)")
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
-                        help=f"run only these benchmarks ({', '.join(BENCHMARKS)})")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"run only these benchmarks ({', '.join(BENCHMARKS)})",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the merged JSON object to this file")
 
 
@@ -51,7 +57,9 @@ def merge(results: list[dict]) -> dict:
 
 def run_script(path: Path, script_args: list[str]) -> dict:
     """Run one benchmark script, streaming its stdout; returns its parsed last line."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path.parent.parent), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path.parent.parent), os.environ.get("PYTHONPATH")]))
+    )
     proc = subprocess.Popen([sys.executable, str(path), *script_args], stdout=subprocess.PIPE, text=True, env=env)
     captured = []
     for line in proc.stdout:
@@ -64,7 +72,9 @@ def run_script(path: Path, script_args: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     if not BENCH_DIR.is_dir():
-        print(f"error: no benchmark folder at {BENCH_DIR}; `opdplus bench` runs from a source checkout", file=sys.stderr)
+        print(
+            f"error: no benchmark folder at {BENCH_DIR}; `opdplus bench` runs from a source checkout", file=sys.stderr
+        )
         return 2
     script_args = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
     results, failed = [], False
@@ -83,4 +93,3 @@ def run(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(merged), flush=True)
     return 1 if failed else 0
-

@@ -13,6 +13,7 @@ are exact expectations, not Monte Carlo estimates:
 The relative error ||estimate - reference|| / ||reference|| is printed for every divergence. OPD+ must
 be exact (<= 1e-8); stop-gradient OPD is exact only for reverse KL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ class TabularProblem:
     context_prefixes: list[tuple[int, ...]]
 
     @classmethod
-    def build(cls, vocab: int, depth: int) -> "TabularProblem":
+    def build(cls, vocab: int, depth: int) -> TabularProblem:
         prefixes = [p for d in range(depth) for p in itertools.product(range(vocab), repeat=d)]
         index = {p: i for i, p in enumerate(prefixes)}
         sequences = list(itertools.product(range(vocab), repeat=depth))
@@ -70,8 +71,13 @@ def context_logprobs(logits_C_V: torch.Tensor, problem: TabularProblem) -> torch
     return torch.stack(values)
 
 
-def reference_gradient(student_logits_C_V: torch.Tensor, teacher_logits_C_V: torch.Tensor, problem: TabularProblem,
-                       div: Divergence, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_gradient(
+    student_logits_C_V: torch.Tensor,
+    teacher_logits_C_V: torch.Tensor,
+    problem: TabularProblem,
+    div: Divergence,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(objective, its exact gradient): sum_c P(c) D_f(q||pi)(c), P(c) differentiated iff gamma = 1."""
     theta = student_logits_C_V.detach().clone().requires_grad_(True)
     per_context_C = exact_divergence(theta[None], teacher_logits_C_V[None], div)[0]
@@ -83,23 +89,36 @@ def reference_gradient(student_logits_C_V: torch.Tensor, teacher_logits_C_V: tor
     return objective.detach(), grad
 
 
-def estimator_gradient(student_logits_C_V: torch.Tensor, teacher_logits_C_V: torch.Tensor, problem: TabularProblem,
-                       div: Divergence, estimator: str, gamma: float) -> torch.Tensor:
+def estimator_gradient(
+    student_logits_C_V: torch.Tensor,
+    teacher_logits_C_V: torch.Tensor,
+    problem: TabularProblem,
+    div: Divergence,
+    estimator: str,
+    gamma: float,
+) -> torch.Tensor:
     """Exact expectation over sequences of -sum_t A_t grad log pi(y_t|c_t)."""
     theta = student_logits_C_V.detach().clone().requires_grad_(True)
     student_logprobs_Y_D = token_logprobs(theta, problem)
     teacher_logprobs_Y_D = token_logprobs(teacher_logits_C_V, problem)
     loss_mask_Y_D = torch.ones_like(student_logprobs_Y_D, dtype=torch.bool)
-    advantages_Y_D = advantages(student_logprobs_Y_D.detach(), teacher_logprobs_Y_D, loss_mask_Y_D,
-                                divergence=div, estimator=estimator, gamma=gamma)
+    advantages_Y_D = advantages(
+        student_logprobs_Y_D.detach(),
+        teacher_logprobs_Y_D,
+        loss_mask_Y_D,
+        divergence=div,
+        estimator=estimator,
+        gamma=gamma,
+    )
     sequence_prob_Y = student_logprobs_Y_D.detach().sum(-1).exp()
     surrogate = (sequence_prob_Y[:, None] * advantages_Y_D * student_logprobs_Y_D).sum()
     (grad,) = torch.autograd.grad(-surrogate, theta)
     return grad
 
 
-def sampled_objective(student_logits_C_V: torch.Tensor, teacher_logits_C_V: torch.Tensor, problem: TabularProblem,
-                      div: Divergence) -> torch.Tensor:
+def sampled_objective(
+    student_logits_C_V: torch.Tensor, teacher_logits_C_V: torch.Tensor, problem: TabularProblem, div: Divergence
+) -> torch.Tensor:
     """E_pi[sum_t f(u_t)] by enumeration, from f(l) (checks f against the perspective form)."""
     student_logprobs_Y_D = token_logprobs(student_logits_C_V, problem)
     log_ratio_Y_D = token_logprobs(teacher_logits_C_V, problem) - student_logprobs_Y_D
@@ -145,14 +164,15 @@ def run_check(vocab: int = 3, depth: int = 3, seed: int = 0, scale: float = 1.5)
 
 def passed(rows: list[dict]) -> bool:
     return all(row[f"opd_plus/gamma{g:g}"] <= OPD_PLUS_TOLERANCE for row in rows for g in GAMMAS) and all(
-        row["objective_error"] <= OPD_PLUS_TOLERANCE for row in rows)
+        row["objective_error"] <= OPD_PLUS_TOLERANCE for row in rows
+    )
 
 
 def format_table(rows: list[dict], vocab: int, depth: int, seed: int) -> str:
     columns = [f"{e}/gamma{g:g}" for g in GAMMAS for e in ESTIMATORS]
     header = f"{'divergence':<18}" + "".join(f"{c:>18}" for c in columns)
     lines = [
-        f"Exact enumeration: vocab {vocab}, depth {depth}, seed {seed}, {vocab ** depth} sequences.",
+        f"Exact enumeration: vocab {vocab}, depth {depth}, seed {seed}, {vocab**depth} sequences.",
         "Relative error ||E[estimator gradient] - exact gradient|| / ||exact gradient||",
         "(gamma 0: contexts held fixed; gamma 1: full objective J_f)",
         "",
@@ -163,8 +183,10 @@ def format_table(rows: list[dict], vocab: int, depth: int, seed: int) -> str:
         lines.append(f"{row['divergence']:<18}" + "".join(f"{row[c]:>18.2e}" for c in columns))
     lines.append("")
     worst_plus = max(row[f"opd_plus/gamma{g:g}"] for row in rows for g in GAMMAS)
-    lines.append(f"opd_plus: worst error {worst_plus:.1e} (tolerance {OPD_PLUS_TOLERANCE:.0e}) -> "
-                 + ("unbiased for every divergence." if passed(rows) else "FAILED."))
+    lines.append(
+        f"opd_plus: worst error {worst_plus:.1e} (tolerance {OPD_PLUS_TOLERANCE:.0e}) -> "
+        + ("unbiased for every divergence." if passed(rows) else "FAILED.")
+    )
     others = [row for row in rows if row["divergence"] != "reverse_kl"]
     rkl = [row for row in rows if row["divergence"] == "reverse_kl"]
     if rkl:
@@ -189,15 +211,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vocab < 2 or args.depth < 1 or args.vocab ** args.depth > 100_000:
-        print(f"error: need vocab >= 2, depth >= 1 and vocab**depth <= 100000 (got {args.vocab}, {args.depth})",
-              file=sys.stderr)
+    if args.vocab < 2 or args.depth < 1 or args.vocab**args.depth > 100_000:
+        print(
+            f"error: need vocab >= 2, depth >= 1 and vocab**depth <= 100000 (got {args.vocab}, {args.depth})",
+            file=sys.stderr,
+        )
         return 2
     rows = run_check(args.vocab, args.depth, args.seed)
     ok = passed(rows)
     if args.json:
-        print(json.dumps({"check": {"vocab": args.vocab, "depth": args.depth, "seed": args.seed,
-                                    "tolerance": OPD_PLUS_TOLERANCE, "passed": ok, "rows": rows}}))
+        print(
+            json.dumps(
+                {
+                    "check": {
+                        "vocab": args.vocab,
+                        "depth": args.depth,
+                        "seed": args.seed,
+                        "tolerance": OPD_PLUS_TOLERANCE,
+                        "passed": ok,
+                        "rows": rows,
+                    }
+                }
+            )
+        )
     else:
         print(format_table(rows, args.vocab, args.depth, args.seed))
     return 0 if ok else 1

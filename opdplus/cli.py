@@ -1,4 +1,5 @@
 """`opdplus <command>`: each command lives in its own module with ``add_arguments`` and ``run``."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,14 +10,23 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("opdplus.check", "verify the OPD / OPD+ estimators by exact enumeration"),
     "train": ("opdplus.train.cli", "distil a teacher into a student (on-policy, OPD / OPD+ advantages)"),
-    "serve-teacher": ("opdplus.rollout.serve_command", "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API"),
+    "serve-teacher": (
+        "opdplus.rollout.serve_command",
+        "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API",
+    ),
     "make-student": ("opdplus.models.prune", "build a smaller student by keeping K of the teacher's decoder layers"),
     "eval": ("opdplus.eval.command", "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4"),
-    "pretrain-teacher": ("opdplus.world_command", "build the demo world: a synthetic-task teacher (>= 95%) and a weaker student"),
+    "pretrain-teacher": (
+        "opdplus.world_command",
+        "build the demo world: a synthetic-task teacher (>= 95%) and a weaker student",
+    ),
     "demo": ("opdplus.demo", "OPD vs OPD+ on the synthetic world: distil, evaluate, print a table, write a report"),
     "sweep": ("opdplus.sweep", "run a grid of distillation runs (estimators x divergences x seeds) from a YAML file"),
     "report": ("opdplus.report", "aggregate run directories into a markdown table (mean ± std) and learning curves"),
-    "bench": ("opdplus.bench_command", "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON"),
+    "bench": (
+        "opdplus.bench_command",
+        "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON",
+    ),
 }
 
 

@@ -7,6 +7,7 @@
    to the teacher), prints a table, writes ``report.md`` and ``curves.png`` into the run directory
    and prints, as its last line, one JSON object ``{"demo": {...}}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ ESTIMATORS = ("opd", "opd_plus")
 
 # The distillation config of every demo run (a complete `opdplus train` config; models are filled in).
 DEMO_TRAIN: dict[str, Any] = {
-    "run": {"steps": 60, "seed": 0, "device": "cpu", "threads": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
-            "progress": "none"},
+    "run": {
+        "steps": 60,
+        "seed": 0,
+        "device": "cpu",
+        "threads": 1,
+        "checkpoint_every": 0,
+        "keep_checkpoints": 1,
+        "progress": "none",
+    },
     "student": {"model": "world:student"},
     "teacher": {"model": "world:teacher", "batch_size": 64},
     "data": {"tasks": ["synthetic_math", "synthetic_tool_use"], "prompts_per_step": 16},
@@ -58,23 +66,29 @@ def demo_summary(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> d
     """The last-line JSON: teacher, starting student and one entry per run."""
     keep = ("math_acc", "tool_acc", "reverse_kl")
     teacher, start = rows
-    return {"demo": {
-        "teacher": {k: teacher[k] for k in ("math_acc", "tool_acc")},
-        "student_start": {k: start[k] for k in keep},
-        "runs": {r["method"]: {**{k: r[k] for k in keep}, "steps": r["steps"], "wall_s": r["wall_s"]} for r in results},
-    }}
+    return {
+        "demo": {
+            "teacher": {k: teacher[k] for k in ("math_acc", "tool_acc")},
+            "student_start": {k: start[k] for k in keep},
+            "runs": {
+                r["method"]: {**{k: r[k] for k in keep}, "steps": r["steps"], "wall_s": r["wall_s"]} for r in results
+            },
+        }
+    }
 
 
 def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
     print(f"{'method':22s} {'math acc':>9s} {'tool acc':>9s} {'rev. KL':>9s} {'steps':>6s} {'wall s':>7s}")
-    for row in rows:
-        print(f"{row['method']:22s} {row['math_acc']:9.3f} {row['tool_acc']:9.3f} {row['reverse_kl']:9.4f} {'':>6s} {'':>7s}")
-    for r in results:
-        print(f"{r['method']:22s} {r['math_acc']:9.3f} {r['tool_acc']:9.3f} {r['reverse_kl']:9.4f} {r['steps']:6d} {r['wall_s']:7.0f}")
+    for r in [*rows, *results]:
+        steps, wall = (f"{r['steps']:6d}", f"{r['wall_s']:7.0f}") if "steps" in r else ("", "")
+        print(
+            f"{r['method']:22s} {r['math_acc']:9.3f} {r['tool_acc']:9.3f} {r['reverse_kl']:9.4f} {steps:>6s} {wall:>7s}"
+        )
 
 
-def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, overrides: list[str] = (),
-             world_root: Path | None = None) -> dict[str, Any]:
+def run_demo(
+    out: Path, *, steps: int, eval_items: int, workers: int, overrides: list[str] = (), world_root: Path | None = None
+) -> dict[str, Any]:
     """The whole demo; returns the summary printed as the last line."""
     import torch
 
@@ -92,18 +106,30 @@ def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, overrides:
     teacher, _ = load_model(paths.teacher)
     start = evaluate_student(student, teacher, tokenizer, items=eval_items)
     # the teacher's reverse KL to itself is 0
-    rows = [{"method": "teacher", **teacher_accuracy(info, teacher, tokenizer, eval_items), "reverse_kl": 0.0},
-            {"method": "student (start)", **start}]
-    print(f"starting student: math {start['math_acc']:.3f}  tool {start['tool_acc']:.3f}  reverse KL {start['reverse_kl']:.4f}")
+    rows = [
+        {"method": "teacher", **teacher_accuracy(info, teacher, tokenizer, eval_items), "reverse_kl": 0.0},
+        {"method": "student (start)", **start},
+    ]
+    print(
+        f"starting student: math {start['math_acc']:.3f}  tool {start['tool_acc']:.3f}  "
+        f"reverse KL {start['reverse_kl']:.4f}"
+    )
     train = resolve_world_models(demo_train_config(steps, overrides), world_root)
-    runs = expand_grid(train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items)
+    runs = expand_grid(
+        train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items
+    )
     print(f"distilling: {len(runs)} runs x {steps} steps, {workers} at a time")
     results = run_grid(runs, workers=workers)
     print()
     print_table(rows, results)
-    report = write_report([Path(r.run_dir) for r in runs], out, title="opdplus demo: OPD vs OPD+ on the synthetic world",
-                          command="opdplus demo", fixed_rows=rows,
-                          notes=f"Teacher and student: `{paths.root}`. Total wall time {time.perf_counter() - started:.0f}s.")
+    report = write_report(
+        [Path(r.run_dir) for r in runs],
+        out,
+        title="opdplus demo: OPD vs OPD+ on the synthetic world",
+        command="opdplus demo",
+        fixed_rows=rows,
+        notes=f"Teacher and student: `{paths.root}`. Total wall time {time.perf_counter() - started:.0f}s.",
+    )
     print(f"\nreport: {report}\nplot:   {out / 'curves.png'}")
     summary = demo_summary(rows, results)
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -113,17 +139,29 @@ def run_demo(out: Path, *, steps: int, eval_items: int, workers: int, overrides:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=DEMO_TRAIN["run"]["steps"], help="distillation steps per run")
-    parser.add_argument("--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation")
+    parser.add_argument(
+        "--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation"
+    )
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v1)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides of the runs' train config, e.g. optim.lr=2e-3 data.prompts_per_step=32")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the runs' train config, e.g. optim.lr=2e-3 data.prompts_per_step=32",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
-    summary = run_demo(args.out, steps=args.steps, eval_items=args.eval_items, workers=args.workers, overrides=args.overrides,
-                       world_root=args.world)
+    summary = run_demo(
+        args.out,
+        steps=args.steps,
+        eval_items=args.eval_items,
+        workers=args.workers,
+        overrides=args.overrides,
+        world_root=args.world,
+    )
     print(json.dumps(summary))
     return 0

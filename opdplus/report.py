@@ -7,6 +7,7 @@ run without ``result.json`` is reported from its ``config.yaml`` and the last ev
 directory can be passed as is. Runs of the same method (estimator / divergence) with different seeds
 are aggregated as mean ± std (sample std, n-1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,17 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
-COLUMNS = (("math_acc", "math acc"), ("tool_acc", "tool-use acc"), ("reverse_kl", "held-out reverse KL"),
-           ("steps", "steps"), ("wall_s", "wall s"))
-CURVES = (("eval/score", "held-out accuracy (eval/score, mean of tasks)"),
-          ("eval/reverse_kl", "held-out reverse KL / token (eval/reverse_kl)"))
+COLUMNS = (
+    ("math_acc", "math acc"),
+    ("tool_acc", "tool-use acc"),
+    ("reverse_kl", "held-out reverse KL"),
+    ("steps", "steps"),
+    ("wall_s", "wall s"),
+)
+CURVES = (
+    ("eval/score", "held-out accuracy (eval/score, mean of tasks)"),
+    ("eval/reverse_kl", "held-out reverse KL / token (eval/reverse_kl)"),
+)
 
 
 def is_run(path: Path) -> bool:
@@ -51,8 +59,11 @@ def load_run(run_dir: Path) -> dict[str, Any]:
                 rows.append(json.loads(line))
             except ValueError:
                 continue
-    curve = [{"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
-             for row in rows if any(key.startswith("eval/") for key in row)]
+    curve = [
+        {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
+        for row in rows
+        if any(key.startswith("eval/") for key in row)
+    ]
     result = run_dir / RESULT_FILE
     record = json.loads(result.read_text()) if result.is_file() else record_from_metrics(run_dir, rows, curve)
     return {**record, "run_dir": str(run_dir), "curve": curve}
@@ -69,10 +80,15 @@ def record_from_metrics(run_dir: Path, rows: list[dict[str, Any]], curve: list[d
     divergence = str(loss.get("divergence", "?")) + (f":{loss['alpha']}" if loss.get("alpha") is not None else "")
     last = curve[-1] if curve else {}
     wall = sum(row.get("perf/step_s", 0.0) + row.get("perf/eval_s", 0.0) for row in rows)
-    return {"name": run_dir.name, "method": f"{loss.get('estimator', '?')}/{divergence}",
-            "steps": max((row["step"] for row in rows), default=0), "wall_s": wall if rows else None,
-            "reverse_kl": last.get("eval/reverse_kl"), "math_acc": last.get("eval/math/score"),
-            "tool_acc": last.get("eval/tool_use/score")}
+    return {
+        "name": run_dir.name,
+        "method": f"{loss.get('estimator', '?')}/{divergence}",
+        "steps": max((row["step"] for row in rows), default=0),
+        "wall_s": wall if rows else None,
+        "reverse_kl": last.get("eval/reverse_kl"),
+        "math_acc": last.get("eval/math/score"),
+        "tool_acc": last.get("eval/tool_use/score"),
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -115,7 +131,9 @@ def markdown_table(rows: list[dict[str, Any]], fixed_rows: list[dict[str, Any]] 
         cells = [_cell((float(row[k]), 0.0) if row.get(k) is not None else None, k, 1) for k, _ in COLUMNS]
         lines.append(f"| {row['method']} | – | " + " | ".join(cells) + " |")
     for row in rows:
-        lines.append(f"| {row['method']} | {row['n']} | " + " | ".join(_cell(row[k], k, row["n"]) for k, _ in COLUMNS) + " |")
+        lines.append(
+            f"| {row['method']} | {row['n']} | " + " | ".join(_cell(row[k], k, row["n"]) for k, _ in COLUMNS) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -149,8 +167,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
     for ax, (key, label) in zip(axes, CURVES):
         for method, (steps, values) in sorted(mean_curves(runs, key).items()):
             estimator, _, divergence = method.partition("/")
-            ax.plot(steps, values, "-" if estimator == "opd_plus" else "--", color=colors.get(divergence),
-                    marker="o" if estimator == "opd_plus" else "x", markersize=3, label=method)
+            ax.plot(
+                steps,
+                values,
+                "-" if estimator == "opd_plus" else "--",
+                color=colors.get(divergence),
+                marker="o" if estimator == "opd_plus" else "x",
+                markersize=3,
+                label=method,
+            )
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -163,12 +188,21 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
     return path
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillation report", command: str = "",
-                 fixed_rows: list[dict[str, Any]] | None = None, notes: str = "") -> Path:
+def write_report(
+    run_dirs: list[Path],
+    out_dir: Path,
+    *,
+    title: str = "Distillation report",
+    command: str = "",
+    fixed_rows: list[dict[str, Any]] | None = None,
+    notes: str = "",
+) -> Path:
     """``report.md`` (table + plot + the command) and ``curves.png`` in ``out_dir``; returns report.md."""
     runs = [load_run(d) for d in find_runs(run_dirs)]
     if not runs:
-        raise ValueError(f"no run directories (with {METRICS_FILE} or {RESULT_FILE}) in {', '.join(map(str, run_dirs))}")
+        raise ValueError(
+            f"no run directories (with {METRICS_FILE} or {RESULT_FILE}) in {', '.join(map(str, run_dirs))}"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_curves(runs, out_dir / "curves.png", title)
@@ -176,33 +210,51 @@ def write_report(run_dirs: list[Path], out_dir: Path, *, title: str = "Distillat
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
     parts += [markdown_table(aggregate(runs), fixed_rows), ""]
-    parts += ["Sweep runs (result.json): accuracy by greedy decoding on held-out items (per task); held-out reverse KL: "
-              "exact KL(student ‖ teacher) per completion token over the vocabulary, on student samples of the "
-              "held-out prompts. Plain training runs: the last `eval/` line of metrics.jsonl (accuracy decoded as "
-              "eval.score_decoding says; reverse KL estimated on the sampled tokens). n = seeds; mean ± sample std.", ""]
+    parts += [
+        "Sweep runs (result.json): accuracy by greedy decoding on held-out items (per task); held-out reverse KL: "
+        "exact KL(student ‖ teacher) per completion token over the vocabulary, on student samples of the "
+        "held-out prompts. Plain training runs: the last `eval/` line of metrics.jsonl (accuracy decoded as "
+        "eval.score_decoding says; reverse KL estimated on the sampled tokens). n = seeds; mean ± sample std.",
+        "",
+    ]
     if plot is not None:
         parts += [f"![learning curves]({plot.name})", ""]
     if notes:
         parts += [notes, ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(parts))
-    (out_dir / "summary.json").write_text(json.dumps(
-        {"rows": [{k: v for k, v in row.items()} for row in aggregate(runs)], "runs": [
-            {k: v for k, v in run.items() if k != "curve"} for run in runs]}, indent=2))
+    (out_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "rows": [{k: v for k, v in row.items()} for row in aggregate(runs)],
+                "runs": [{k: v for k, v in run.items() if k != "curve"} for run in runs],
+            },
+            indent=2,
+        )
+    )
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (with metrics.jsonl or result.json), or directories that contain them (a sweep's output)")
-    parser.add_argument("--out", type=Path, default=None, help="where report.md and curves.png go (default: the first RUN_DIR)")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories (with metrics.jsonl or result.json), or directories that contain them (a sweep's output)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where report.md and curves.png go (default: the first RUN_DIR)"
+    )
     parser.add_argument("--title", default="Distillation report")
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.run_dirs[0]
     try:
-        report = write_report(args.run_dirs, out, title=args.title, command="opdplus report " + " ".join(map(str, args.run_dirs)))
+        report = write_report(
+            args.run_dirs, out, title=args.title, command="opdplus report " + " ".join(map(str, args.run_dirs))
+        )
     except ValueError as err:
         print(f"error: {err}")
         return 2

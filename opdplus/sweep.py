@@ -17,6 +17,7 @@ A sweep file is YAML::
 world's models (built first when missing). Each run writes ``result.json`` next to its
 ``metrics.jsonl``: greedy accuracy per task and the exact held-out reverse KL to the teacher.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,12 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ GRID_KEYS = ("estimator", "divergence", "seed")
 @dataclass(frozen=True)
 class RunSpec:
     """One run of a grid: where it goes and what it changes in the base train config."""
+
     name: str  # e.g. "opd_plus/forward_kl/seed0"
     run_dir: str
     estimator: str
@@ -64,13 +67,15 @@ def parse_divergence(text: str) -> dict[str, Any]:
 def resolve_world_models(train: dict[str, Any], world_root: Path | None = None) -> dict[str, Any]:
     """Replace ``world:teacher`` / ``world:student`` model names by the cached world's directories."""
     train = copy.deepcopy(train)
-    roles = [role for role in ("student", "teacher") if str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX)]
+    roles = [
+        role for role in ("student", "teacher") if str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX)
+    ]
     if roles:
         from opdplus.world import ensure_world
 
         paths = ensure_world(world_root)
         for role in roles:
-            train[role]["model"] = str(getattr(paths, train[role]["model"][len(WORLD_PREFIX):]))
+            train[role]["model"] = str(getattr(paths, train[role]["model"][len(WORLD_PREFIX) :]))
     return train
 
 
@@ -80,8 +85,9 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
     if unknown:
         raise ValueError(f"unknown grid keys {sorted(unknown)}; valid: {', '.join(GRID_KEYS)}")
     runs = []
-    for divergence, estimator, seed in itertools.product(grid.get("divergence", ["reverse_kl"]),
-                                                         grid.get("estimator", ["opd_plus"]), grid.get("seed", [0])):
+    for divergence, estimator, seed in itertools.product(
+        grid.get("divergence", ["reverse_kl"]), grid.get("estimator", ["opd_plus"]), grid.get("seed", [0])
+    ):
         name = f"{estimator}/{divergence}/seed{seed}"
         run_dir = out / f"{estimator}-{str(divergence).replace(':', '')}-seed{seed}"
         cfg = copy.deepcopy(train)
@@ -89,8 +95,17 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
         loss.pop("alpha", None)
         loss.update({"estimator": estimator, **parse_divergence(divergence)})
         cfg.setdefault("run", {}).update({"seed": int(seed), "dir": str(run_dir)})
-        runs.append(RunSpec(name=name, run_dir=str(run_dir), estimator=estimator, divergence=str(divergence),
-                            seed=int(seed), train=cfg, eval_items=eval_items))
+        runs.append(
+            RunSpec(
+                name=name,
+                run_dir=str(run_dir),
+                estimator=estimator,
+                divergence=str(divergence),
+                seed=int(seed),
+                train=cfg,
+                eval_items=eval_items,
+            )
+        )
     return runs
 
 
@@ -98,13 +113,17 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
 # Evaluation of a trained student
 # ----------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def exact_reverse_kl(student, teacher, batch) -> float:
     """Held-out KL(pi || q) per completion token, exact over the vocabulary at every position of the
     student's own samples: mean over loss tokens of sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
     mask_B_T = batch.loss_mask_B_T[:, 1:]
-    kwargs = {"input_ids": batch.input_ids_B_T, "attention_mask": batch.attention_mask_B_T.long(),
-              "position_ids": batch.position_ids_B_T}
+    kwargs = {
+        "input_ids": batch.input_ids_B_T,
+        "attention_mask": batch.attention_mask_B_T.long(),
+        "position_ids": batch.position_ids_B_T,
+    }
     student_lp_B_T_V = torch.log_softmax(student(**kwargs).logits[:, :-1].double(), -1)
     teacher_lp_B_T_V = torch.log_softmax(teacher(**kwargs).logits[:, :-1].double(), -1)
     kl_B_T = (student_lp_B_T_V.exp() * (student_lp_B_T_V - teacher_lp_B_T_V)).sum(-1)
@@ -112,8 +131,16 @@ def exact_reverse_kl(student, teacher, batch) -> float:
     return float(kl_B_T.sum() / mask_B_T.sum().clamp(min=1))
 
 
-def evaluate_student(student, teacher, tokenizer, *, items: int, seed: int = 0, max_new_tokens: int = 48,
-                     tasks: tuple[str, ...] | None = None) -> dict[str, float]:
+def evaluate_student(
+    student,
+    teacher,
+    tokenizer,
+    *,
+    items: int,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    tasks: tuple[str, ...] | None = None,
+) -> dict[str, float]:
     """``math_acc`` / ``tool_acc`` (greedy, ``items`` held-out items per task) and ``reverse_kl`` (exact,
     per token, on one temperature-1 sample of the student per held-out item)."""
     from opdplus.rollout.sampler import Sampler, SamplingSettings
@@ -151,10 +178,10 @@ def load_model(directory: str | Path):
 # Running
 # ----------------------------------------------------------------------------------------------
 
+
 def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
-    from opdplus.train.config import from_dict, validate
-    from opdplus.train.config import TrainConfig
+    from opdplus.train.config import TrainConfig, from_dict, validate
     from opdplus.train.loop import train
 
     torch.set_num_threads(threads)
@@ -168,12 +195,28 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     student, tokenizer = load_model(result.checkpoint / "model")
     teacher, _ = load_model(cfg.teacher.model)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    metrics = evaluate_student(student, teacher, tokenizer, items=spec.eval_items, seed=spec.eval_seed,
-                               max_new_tokens=max_new, tasks=tuple(cfg.data.tasks))
-    record = {"name": spec.name, "method": spec.method, "estimator": spec.estimator, "divergence": spec.divergence,
-              "seed": spec.seed, "steps": result.step, "wall_s": round(time.perf_counter() - started, 1),
-              "train_s": round(train_seconds, 1),
-              "cpu_s": round(time.process_time() - cpu_started, 1), "eval_items": spec.eval_items, **metrics}
+    metrics = evaluate_student(
+        student,
+        teacher,
+        tokenizer,
+        items=spec.eval_items,
+        seed=spec.eval_seed,
+        max_new_tokens=max_new,
+        tasks=tuple(cfg.data.tasks),
+    )
+    record = {
+        "name": spec.name,
+        "method": spec.method,
+        "estimator": spec.estimator,
+        "divergence": spec.divergence,
+        "seed": spec.seed,
+        "steps": result.step,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "train_s": round(train_seconds, 1),
+        "cpu_s": round(time.process_time() - cpu_started, 1),
+        "eval_items": spec.eval_items,
+        **metrics,
+    }
     Path(spec.run_dir, RESULT_FILE).write_text(json.dumps(record, indent=2))
     return record
 
@@ -192,8 +235,9 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def run_grid(runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] = _print,
-             poll_seconds: float = 10.0) -> list[dict[str, Any]]:
+def run_grid(
+    runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] = _print, poll_seconds: float = 10.0
+) -> list[dict[str, Any]]:
     """Run ``runs`` on ``workers`` processes (one torch thread each); results in ``runs`` order.
     Prints one line per finished run and, every ``poll_seconds``, the steps of the running ones."""
     results: dict[str, dict] = {}
@@ -215,14 +259,18 @@ def run_grid(runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] =
                 log(_done_line(results[spec.name], len(results), len(runs), started))
             running = [spec for spec in pending.values() if 0 < _progress_of(spec)]
             if not done and running:
-                log(f"  {time.perf_counter() - started:4.0f}s  " + "  ".join(
-                    f"{spec.name} step {_progress_of(spec)}/{total_steps[spec.name]}" for spec in running))
+                log(
+                    f"  {time.perf_counter() - started:4.0f}s  "
+                    + "  ".join(f"{spec.name} step {_progress_of(spec)}/{total_steps[spec.name]}" for spec in running)
+                )
     return [results[spec.name] for spec in runs]
 
 
 def _done_line(record: dict, done: int, total: int, started: float) -> str:
-    return (f"[{done}/{total}] {record['name']}: math {record['math_acc']:.3f}  tool {record['tool_acc']:.3f}  "
-            f"reverse KL {record['reverse_kl']:.4f}  ({record['wall_s']:.0f}s; {time.perf_counter() - started:.0f}s total)")
+    return (
+        f"[{done}/{total}] {record['name']}: math {record['math_acc']:.3f}  tool {record['tool_acc']:.3f}  "
+        f"reverse KL {record['reverse_kl']:.4f}  ({record['wall_s']:.0f}s; {time.perf_counter() - started:.0f}s total)"
+    )
 
 
 def load_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -240,8 +288,12 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="sweep YAML, e.g. configs/sweep.yaml")
     parser.add_argument("--out", default=None, help="output directory (default: the file's `out`)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: the file's `workers`, else 2)")
-    parser.add_argument("--no-report", action="store_true", help="skip writing report.md and plots into the output directory")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="parallel runs (default: the file's `workers`, else 2)"
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip writing report.md and plots into the output directory"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,12 +306,18 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     train = resolve_world_models(data["train"])
     runs = expand_grid(train, data["grid"], out, int(data.get("eval_items", 200)))
-    (out / "sweep.json").write_text(json.dumps({"config": str(args.config), "runs": [asdict(r) for r in runs]}, indent=2))
+    (out / "sweep.json").write_text(
+        json.dumps({"config": str(args.config), "runs": [asdict(r) for r in runs]}, indent=2)
+    )
     print(f"sweep: {len(runs)} runs into {out}")
     results = run_grid(runs, workers=args.workers or int(data.get("workers", 2)))
     if not args.no_report:
-        report = write_report([Path(r.run_dir) for r in runs], out, title=f"Sweep {args.config}",
-                              command=f"opdplus sweep --config {args.config}")
+        report = write_report(
+            [Path(r.run_dir) for r in runs],
+            out,
+            title=f"Sweep {args.config}",
+            command=f"opdplus sweep --config {args.config}",
+        )
         print(f"report: {report}")
     print(json.dumps({"sweep": {"out": str(out), "runs": len(results)}}))
     return 0

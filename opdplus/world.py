@@ -14,6 +14,7 @@ with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v1`` when mi
 Everything is seeded and the data order is fixed, so a rebuild gives the same models (up to
 floating-point differences between CPU thread counts). ``greedy_accuracy`` is the evaluation helper.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,9 +24,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,6 +50,7 @@ def cache_root() -> Path:
 # Specs
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     hidden_size: int
@@ -65,6 +67,7 @@ class TrainSpec:
     ``stop_each_task``: drop a task from the training mix as soon as it reaches the target and end
     at the evaluated state closest to the target (used to park the student at a low accuracy on
     both tasks instead of overshooting on the easy one)."""
+
     target_acc: float
     max_steps: int
     lr: float = 3e-3
@@ -82,9 +85,19 @@ class TrainSpec:
 class WorldSpec:
     teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
     student_layers: int = 2  # the student is the teacher pruned to this many layers (uniformly spread)
-    teacher_train: TrainSpec = TrainSpec(target_acc=0.98, max_steps=1000, eval_every=100, first_eval=600, eval_items=100)
-    student_train: TrainSpec = TrainSpec(target_acc=0.30, max_steps=60, lr=2e-4, warmup_steps=1, eval_every=2,
-                                         eval_items=100, stop_each_task=True, seed=1)
+    teacher_train: TrainSpec = TrainSpec(
+        target_acc=0.98, max_steps=1000, eval_every=100, first_eval=600, eval_items=100
+    )
+    student_train: TrainSpec = TrainSpec(
+        target_acc=0.30,
+        max_steps=60,
+        lr=2e-4,
+        warmup_steps=1,
+        eval_every=2,
+        eval_items=100,
+        stop_each_task=True,
+        seed=1,
+    )
     tokenizer_items: int = 2000  # train items per task used to learn the BPE merges
     train_pool: int = 8000  # train items per task, tokenized once, sampled in a fixed order
     vocab_size: int = 1024
@@ -100,9 +113,13 @@ SMOKE_SPEC = WorldSpec(
     teacher=ModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
     student_layers=1,
     teacher_train=TrainSpec(target_acc=1.01, max_steps=3, batch_size=8, eval_every=2, eval_items=4),
-    student_train=TrainSpec(target_acc=1.01, max_steps=2, batch_size=8, eval_every=1, eval_items=4,
-                            stop_each_task=True, seed=1),
-    tokenizer_items=200, train_pool=40, max_new_tokens=8, eval_items=4,
+    student_train=TrainSpec(
+        target_acc=1.01, max_steps=2, batch_size=8, eval_every=1, eval_items=4, stop_each_task=True, seed=1
+    ),
+    tokenizer_items=200,
+    train_pool=40,
+    max_new_tokens=8,
+    eval_items=4,
 )
 
 
@@ -127,6 +144,7 @@ def world_paths(root: Path | None = None) -> WorldPaths:
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
+
 def world_texts(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> list[str]:
     """prompt + solution of ``n_per_task`` train items of every task."""
     texts = []
@@ -143,27 +161,48 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(texts, trainer)
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="left", model_max_length=DEFAULT_SPEC.teacher.max_positions)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        model_max_length=DEFAULT_SPEC.teacher.max_positions,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and data
 # ----------------------------------------------------------------------------------------------
 
+
 def make_model(spec: ModelSpec, tokenizer, seed: int):
     """A randomly initialised Llama causal LM sized by ``spec`` (tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -183,7 +222,9 @@ def encode_examples(tokenizer, items: list[TaskItem]) -> list[Example]:
     examples = []
     for prompt_ids, solution_ids in zip(prompts, solutions):
         completion_ids = solution_ids + [tokenizer.eos_token_id]
-        examples.append(Example(input_ids=prompt_ids + completion_ids, labels=[-100] * len(prompt_ids) + completion_ids))
+        examples.append(
+            Example(input_ids=prompt_ids + completion_ids, labels=[-100] * len(prompt_ids) + completion_ids)
+        )
     return examples
 
 
@@ -212,6 +253,7 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 # Greedy evaluation
 # ----------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 256) -> list[str]:
     """Greedy completions (text after the prompt, up to EOS) for ``prompts``; batched, left-padded."""
@@ -222,8 +264,13 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     try:
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         model.train(was_training)
@@ -237,8 +284,9 @@ def greedy_accuracy(model, tokenizer, task: Task, items: list[TaskItem], max_new
     return sum(task.score(item, c) for item, c in zip(items, completions)) / max(1, len(items))
 
 
-def evaluate(model, tokenizer, tasks: tuple[str, ...] = WORLD_TASKS, n: int = 200, seed: int = 0,
-             max_new_tokens: int = 48) -> dict[str, float]:
+def evaluate(
+    model, tokenizer, tasks: tuple[str, ...] = WORLD_TASKS, n: int = 200, seed: int = 0, max_new_tokens: int = 48
+) -> dict[str, float]:
     """Greedy accuracy on ``n`` eval-split items of each task: ``{task_name: accuracy}``."""
     results = {}
     for name in tasks:
@@ -251,8 +299,10 @@ def evaluate(model, tokenizer, tasks: tuple[str, ...] = WORLD_TASKS, n: int = 20
 # Supervised training
 # ----------------------------------------------------------------------------------------------
 
-def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSpec, max_new_tokens: int,
-                log: Log = print) -> dict:
+
+def train_until(
+    model, tokenizer, pools: dict[str, list[Example]], spec: TrainSpec, max_new_tokens: int, log: Log = print
+) -> dict:
     """Supervised training on ``pools`` (one task per batch, round robin over the tasks still being
     trained) until every task's greedy dev accuracy reaches ``spec.target_acc`` (checked every
     ``spec.eval_every`` steps from ``spec.first_eval``) or ``spec.max_steps``.
@@ -265,8 +315,11 @@ def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSp
     dev = {name: get_task(name).items("eval", spec.eval_items, DEV_SEED) for name in pools}
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        betas=(0.9, 0.98),
+    )
 
     def dev_accuracy() -> dict[str, float]:
         return {name: greedy_accuracy(model, tokenizer, get_task(name), dev[name], max_new_tokens) for name in pools}
@@ -289,9 +342,11 @@ def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSp
         step += 1
         if (step >= spec.first_eval and step % spec.eval_every == 0) or step == spec.max_steps:
             accuracy = dev_accuracy()
-            log(f"  step {step:4d}  loss {loss.item():.3f}  dev " +
-                "  ".join(f"{n}={a:.2f}" for n, a in accuracy.items()) +
-                f"  {time.perf_counter() - start:.0f}s (cpu {time.process_time() - cpu_start:.0f}s)")
+            log(
+                f"  step {step:4d}  loss {loss.item():.3f}  dev "
+                + "  ".join(f"{n}={a:.2f}" for n, a in accuracy.items())
+                + f"  {time.perf_counter() - start:.0f}s (cpu {time.process_time() - cpu_start:.0f}s)"
+            )
             reached = [name for name in active if accuracy[name] >= spec.target_acc]
             if spec.stop_each_task:
                 active = [name for name in active if name not in reached]
@@ -306,8 +361,13 @@ def train_until(model, tokenizer, pools: dict[str, list[Example]], spec: TrainSp
         _, kept_step, accuracy, state = best
         model.load_state_dict(state)
     model.eval()
-    return {"steps": step, "kept_step": kept_step, "dev_accuracy": accuracy,
-            "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1)}
+    return {
+        "steps": step,
+        "kept_step": kept_step,
+        "dev_accuracy": accuracy,
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+    }
 
 
 def _distance(accuracy: dict[str, float], target: float) -> float:
@@ -318,6 +378,7 @@ def _distance(accuracy: dict[str, float], target: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # Build and cache
 # ----------------------------------------------------------------------------------------------
+
 
 def _save(model, tokenizer, path: Path) -> None:
     model.save_pretrained(path)
@@ -338,8 +399,12 @@ def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpe
     held_out = evaluate(model, tokenizer, spec.tasks, n=spec.eval_items, seed=0, max_new_tokens=spec.max_new_tokens)
     log("  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
     _save(model, tokenizer, out)
-    return {**fit, "eval_accuracy": held_out, "parameters": sum(p.numel() for p in model.parameters()),
-            "layers": model.config.num_hidden_layers}
+    return {
+        **fit,
+        "eval_accuracy": held_out,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers,
+    }
 
 
 def build_world(paths: WorldPaths, spec: WorldSpec = DEFAULT_SPEC, log: Log = print, threads: int = 1) -> dict:
@@ -371,12 +436,16 @@ def _build_world(paths: WorldPaths, spec: WorldSpec, log: Log) -> dict:
     pools = {name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in spec.tasks}
     summary: dict = {"version": WORLD_VERSION, "spec": asdict(spec), "vocab_size": len(tokenizer)}
     teacher = make_model(spec.teacher, tokenizer, seed=0)
-    log(f"training the teacher ({spec.teacher.num_layers} layers x {spec.teacher.hidden_size} wide) "
-        f"to {spec.teacher_train.target_acc:.0%} dev accuracy")
+    log(
+        f"training the teacher ({spec.teacher.num_layers} layers x {spec.teacher.hidden_size} wide) "
+        f"to {spec.teacher_train.target_acc:.0%} dev accuracy"
+    )
     summary["teacher"] = _fit_and_save(teacher, tokenizer, pools, spec.teacher_train, spec, staging.teacher, log)
     student = make_student(teacher, spec.student_layers)
-    log(f"training the student (teacher pruned to {spec.student_layers} layers) "
-        f"to about {spec.student_train.target_acc:.0%} dev accuracy")
+    log(
+        f"training the student (teacher pruned to {spec.student_layers} layers) "
+        f"to about {spec.student_train.target_acc:.0%} dev accuracy"
+    )
     summary["student"] = _fit_and_save(student, tokenizer, pools, spec.student_train, spec, staging.student, log)
     summary["build_seconds"] = round(time.perf_counter() - started, 1)
     summary["build_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
@@ -392,8 +461,9 @@ def world_ready(paths: WorldPaths) -> bool:
     return paths.info.exists() and (paths.teacher / "config.json").exists() and (paths.student / "config.json").exists()
 
 
-def ensure_world(root: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, rebuild: bool = False,
-                 log: Log = print, threads: int = 1) -> WorldPaths:
+def ensure_world(
+    root: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, rebuild: bool = False, log: Log = print, threads: int = 1
+) -> WorldPaths:
     """The cached world's paths, building it first when it is missing (or ``rebuild``)."""
     paths = world_paths(root)
     if rebuild or not world_ready(paths):

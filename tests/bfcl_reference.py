@@ -1,5 +1,6 @@
 """BFCL's own AST checker (from the installed ``bfcl-eval`` source), loaded without its heavy imports,
 as the reference twin of ``opdplus.tasks.bfcl_match`` in the tests. Python categories only."""
+
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and tokenizers built locally (no downloads), tiny training configs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +8,22 @@ import pytest
 
 # Overrides that make a training run take well under a second per step on one CPU thread.
 TINY_RUN = [
-    "run.threads=1", "run.progress=none", "run.steps=3",
-    "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
-    "loss.micro_batch_size=2", "optim.lr=0.01", "optim.warmup_steps=0",
-    "eval.at_end=false", "eval.num_prompts=2",
-    "student.tiny.hidden_size=32", "student.tiny.intermediate_size=64",
-    "teacher.tiny.hidden_size=32", "teacher.tiny.intermediate_size=64", "teacher.tiny.num_layers=2",
+    "run.threads=1",
+    "run.progress=none",
+    "run.steps=3",
+    "data.prompts_per_step=2",
+    "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens=8",
+    "loss.micro_batch_size=2",
+    "optim.lr=0.01",
+    "optim.warmup_steps=0",
+    "eval.at_end=false",
+    "eval.num_prompts=2",
+    "student.tiny.hidden_size=32",
+    "student.tiny.intermediate_size=64",
+    "teacher.tiny.hidden_size=32",
+    "teacher.tiny.intermediate_size=64",
+    "teacher.tiny.num_layers=2",
 ]
 
 

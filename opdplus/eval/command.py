@@ -2,6 +2,7 @@
 
 Prints the accuracy and, as the last line, one JSON object ``{"eval": {"task", "n", "accuracy"}}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=len(items), desc=f"eval {args.task}", unit="item", file=sys.stderr) as bar:
             result = evaluate(
-                model, tokenizer, args.task, limit=args.limit, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, samples_out=samples_out, progress=bar.update, task_and_items=(task, items),
+                model,
+                tokenizer,
+                args.task,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                samples_out=samples_out,
+                progress=bar.update,
+                task_and_items=(task, items),
             )
     finally:
         if samples_out is not None:
             samples_out.close()
-    print(f"{args.task}: accuracy {result.accuracy:.4f} ({sum(s['correct'] for s in result.samples)}/{result.n}) "
-          f"model {args.model} in {time.time() - start:.0f}s")
+    print(
+        f"{args.task}: accuracy {result.accuracy:.4f} ({sum(s['correct'] for s in result.samples)}/{result.n}) "
+        f"model {args.model} in {time.time() - start:.0f}s"
+    )
     print(json.dumps({"eval": {"task": result.task, "n": result.n, "accuracy": result.accuracy}}))
     return 0

@@ -5,11 +5,13 @@ special tokens, plain text gets the tokenizer's). A model without a chat templat
 plain prompt format; a chat template that renders tools gets the BFCL functions as tools, any other
 gets them in the system message (see ``opdplus.tasks.bfcl``).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -74,8 +76,14 @@ def eos_ids(tokenizer: Any, model: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model: Any, tokenizer: Any, prompts: list[str], add_special_tokens: bool, max_new_tokens: int,
-                   stop_strings: list[str] | None = None) -> list[str]:
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    stop_strings: list[str] | None = None,
+) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batch); special tokens removed."""
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -83,10 +91,17 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str], add_special_t
     enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
     out = model.generate(
-        **enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        pad_token_id=pad_id, eos_token_id=eos_ids(tokenizer, model), **extra,
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids(tokenizer, model),
+        **extra,
     )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _parsed(task: Any, item: TaskItem, completion: str) -> Any:
@@ -94,10 +109,18 @@ def _parsed(task: Any, item: TaskItem, completion: str) -> Any:
     return parse(item, completion) if parse else None
 
 
-def evaluate(model: Any, tokenizer: Any, eval_task: str, *, limit: int | None = None, batch_size: int = 8,
-             max_new_tokens: int | None = None, samples_out: TextIO | None = None,
-             progress: Callable[[int], None] | None = None,
-             task_and_items: tuple[Any, list[TaskItem]] | None = None) -> EvalResult:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    eval_task: str,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    samples_out: TextIO | None = None,
+    progress: Callable[[int], None] | None = None,
+    task_and_items: tuple[Any, list[TaskItem]] | None = None,
+) -> EvalResult:
     """Accuracy of ``model`` on ``eval_task``; one sample record per item (written to ``samples_out``).
     ``task_and_items`` reuses what ``load_eval_items`` returned."""
     if batch_size < 1:
@@ -107,14 +130,17 @@ def evaluate(model: Any, tokenizer: Any, eval_task: str, *, limit: int | None = 
     model.eval()
     samples = []
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         prompts = [render_prompt(tokenizer, item) for item in batch]
         stops = sorted({s for item in batch for s in item.meta.get("stop", [])})
         completions = generate_batch(model, tokenizer, prompts, isinstance(batch[0].prompt, str), max_new, stops)
         for item, prompt, completion in zip(batch, prompts, completions):
             record = {
-                "id": item.id, "prompt": prompt, "completion": completion,
-                "parsed": _parsed(task, item, completion), "correct": task.score(item, completion) == 1.0,
+                "id": item.id,
+                "prompt": prompt,
+                "completion": completion,
+                "parsed": _parsed(task, item, completion),
+                "correct": task.score(item, completion) == 1.0,
             }
             samples.append(record)
             if samples_out is not None:

@@ -4,9 +4,10 @@
 positions only (``opdplus.ops.logprobs``). Position ids come from the attention mask, so left or
 right padding gives the same scores.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -66,8 +67,13 @@ def completion_logprobs(
     forward = model if policy is not None else HiddenForward(model)
     policy = policy or forward
     return shifted_completion_logprobs(
-        forward(input_ids_B_T, attention_mask_B_T), policy.head, input_ids_B_T, start,
-        chunk_size=chunk_size, temperature=temperature, logit_softcap=policy.softcap,
+        forward(input_ids_B_T, attention_mask_B_T),
+        policy.head,
+        input_ids_B_T,
+        start,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        logit_softcap=policy.softcap,
     )
 
 
@@ -85,8 +91,12 @@ class HiddenForward(torch.nn.Module):
         self.softcap = parts[2] if parts is not None else None
 
     def forward(self, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(input_ids=input_ids_B_T, attention_mask=attention_mask_B_T.long(),
-                      position_ids=position_ids_from_mask(attention_mask_B_T), use_cache=False)
+        kwargs = dict(
+            input_ids=input_ids_B_T,
+            attention_mask=attention_mask_B_T.long(),
+            position_ids=position_ids_from_mask(attention_mask_B_T),
+            use_cache=False,
+        )
         parts = decoder_and_head(self.model)
         if parts is None:
             return self.model(**kwargs).logits
@@ -103,7 +113,9 @@ def hidden_forward_of(model: torch.nn.Module) -> HiddenForward | None:
     return inner if isinstance(inner, HiddenForward) else None
 
 
-def softcapped(head: Callable[[torch.Tensor], torch.Tensor], softcap: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def softcapped(
+    head: Callable[[torch.Tensor], torch.Tensor], softcap: float | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``head`` followed by Gemma-style final soft-capping ``c * tanh(z / c)`` (when ``softcap`` is set)."""
     if softcap is None:
         return head

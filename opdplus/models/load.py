@@ -4,6 +4,7 @@ Nothing here downloads: a model spec is a local directory (``save_pretrained`` l
 ``gguf:<package>/<file.gguf>`` spec (``opdplus.models.sources``), or ``"tiny"``.
 Functions take plain arguments (no config objects); ``opdplus.train`` translates its config.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -64,7 +65,10 @@ def load_model_and_tokenizer(
     if model == TINY:
         tok = load_tokenizer(tokenizer) if tokenizer else build_char_tokenizer()
         lm = build_tiny_model(
-            len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
             **(tiny or {}),
         )
     else:
@@ -76,13 +80,17 @@ def load_model_and_tokenizer(
     return lm.to(device=device, dtype=torch_dtype(dtype)), tok
 
 
-def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str]) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str]
+) -> torch.nn.Module:
     """Wrap ``model`` in a peft LoRA model; only the adapters are trainable."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("LoRA needs peft: pip install 'opdplus[lora]'") from err
-    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
+    )
     return get_peft_model(model, config)
 
 
@@ -106,8 +114,9 @@ def model_vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, student_model: torch.nn.Module,
-                          teacher_model: torch.nn.Module) -> None:
+def check_same_vocabulary(
+    student_tokenizer: Any, teacher_tokenizer: Any, student_model: torch.nn.Module, teacher_model: torch.nn.Module
+) -> None:
     """The teacher scores the student's token ids, so both must use one vocabulary.
 
     Raises ValueError, with both sizes, when the tokenizers differ or when the teacher's output layer
@@ -135,5 +144,6 @@ def check_same_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any, studen
     if min(student_rows, teacher_rows) < student_size:
         warnings.warn(
             f"the tokenizer has {student_size} tokens but the model output layers have {student_rows} (student) "
-            f"and {teacher_rows} (teacher) rows; prompts must not contain the missing token ids", stacklevel=2,
+            f"and {teacher_rows} (teacher) rows; prompts must not contain the missing token ids",
+            stacklevel=2,
         )

@@ -10,6 +10,7 @@ The saved directory is a plain HF model: ``config.num_hidden_layers`` (and ``lay
 architecture has it) describe the kept layers, and every kept attention module gets its new
 ``layer_idx`` so the KV cache is indexed correctly.
 """
+
 from __future__ import annotations
 
 import argparse

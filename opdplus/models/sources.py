@@ -14,6 +14,7 @@ directory under ``$OPDPLUS_CACHE`` (default ``~/.cache/opdplus``), written to a 
 and renamed into place, so a crashed conversion never leaves a half-written model and later loads
 read safetensors directly.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,7 +69,7 @@ def parse_gguf_spec(spec: str) -> tuple[str, str]:
     """``gguf:pkg/file.gguf`` -> (``pkg``, ``file.gguf``); the file may sit in a subfolder."""
     if not spec.startswith(GGUF_PREFIX):
         raise ModelSourceError(f"not a GGUF spec: {spec!r} (expected {GGUF_PREFIX}<package_module>/<file.gguf>)")
-    module, sep, filename = spec[len(GGUF_PREFIX):].partition("/")
+    module, sep, filename = spec[len(GGUF_PREFIX) :].partition("/")
     if not sep or not module or not filename.endswith(".gguf"):
         raise ModelSourceError(f"bad GGUF spec {spec!r}: expected {GGUF_PREFIX}<package_module>/<file.gguf>")
     return module, filename

@@ -4,6 +4,7 @@ Used by the tests and by presets such as ``configs/tiny.yaml`` (``student.model:
 is a real Hugging Face fast tokenizer (``tokenizers`` BPE model with no merges, so one token per
 character) with a ChatML chat template; ``save_pretrained`` / ``from_pretrained`` round-trip it.
 """
+
 from __future__ import annotations
 
 import string
@@ -27,7 +28,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(chars: str = DEFAULT_CHARS, chat_template: str | None = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(
+    chars: str = DEFAULT_CHARS, chat_template: str | None = CHATML_TEMPLATE
+) -> PreTrainedTokenizerFast:
     """One token per character of ``chars`` plus the special tokens; unknown characters map to <unk>."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in dict.fromkeys(chars):
@@ -36,7 +39,11 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS, chat_template: str | None =
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
         additional_special_tokens=[IM_START],
     )
     if chat_template is not None:
@@ -64,10 +71,18 @@ def build_tiny_model(
     ``initializer_range`` is larger than the usual 0.02 so that two tiny random models disagree visibly.
     """
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False, initializer_range=initializer_range,
-        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        initializer_range=initializer_range,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
     )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -84,8 +99,12 @@ def save_tiny_model_dir(path: str | Path, *, seed: int = 0, **model_kwargs: int)
     path = Path(path)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(
-        len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **model_kwargs,
+        len(tokenizer),
+        seed=seed,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **model_kwargs,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

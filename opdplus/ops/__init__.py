@@ -1,4 +1,5 @@
 """Pure tensor math: divergences, advantages, losses. Plain tensors and numbers in, tensors out."""
+
 from opdplus.ops.advantages import advantages, discounted_returns, log_ratio_clip_fraction, masked_log_ratio
 from opdplus.ops.divergences import (
     Divergence,
@@ -12,7 +13,18 @@ from opdplus.ops.loss import policy_loss, ratio_clip_fraction
 from opdplus.ops.signals import per_position_divergence_loss, topk_divergence
 
 __all__ = [
-    "Divergence", "advantages", "discounted_returns", "divergence_from_f", "divergence_names",
-    "exact_divergence", "get_divergence", "log_ratio_clip_fraction", "masked_log_ratio", "policy_loss",
-    "per_position_divergence_loss", "ratio_clip_fraction", "register_divergence", "topk_divergence",
+    "Divergence",
+    "advantages",
+    "discounted_returns",
+    "divergence_from_f",
+    "divergence_names",
+    "exact_divergence",
+    "get_divergence",
+    "log_ratio_clip_fraction",
+    "masked_log_ratio",
+    "policy_loss",
+    "per_position_divergence_loss",
+    "ratio_clip_fraction",
+    "register_divergence",
+    "topk_divergence",
 ]

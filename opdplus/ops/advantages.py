@@ -10,6 +10,7 @@ E_pi[-sum_t A_t grad log pi(y_t|c_t)] is the exact gradient of J_f = E_pi[sum_t 
 gamma = 1, and of the per-position objective with contexts held fixed for gamma = 0. Stop-gradient
 OPD matches only for reverse KL, where u f'(u) = -1 is a constant baseline.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,10 +40,11 @@ def check_token_tensors(loss_mask: Tensor, **tensors: Tensor) -> None:
             )
 
 
-def masked_log_ratio(student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor,
-                     log_ratio_clip: float | None = None) -> Tensor:
+def masked_log_ratio(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor, log_ratio_clip: float | None = None
+) -> Tensor:
     """l = log q - log pi at loss tokens (clipped to [-c, c] when given), 0 elsewhere; detached."""
-    log_ratio = (teacher_logprobs.detach() - student_logprobs.detach())
+    log_ratio = teacher_logprobs.detach() - student_logprobs.detach()
     log_ratio = torch.where(loss_mask, log_ratio, torch.zeros_like(log_ratio))
     if log_ratio_clip is not None:
         if log_ratio_clip <= 0:
@@ -51,8 +53,9 @@ def masked_log_ratio(student_logprobs: Tensor, teacher_logprobs: Tensor, loss_ma
     return log_ratio
 
 
-def log_ratio_clip_fraction(student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor,
-                            clip: float | None) -> Tensor:
+def log_ratio_clip_fraction(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor, clip: float | None
+) -> Tensor:
     """Fraction of loss tokens whose |log q - log pi| exceeds ``clip`` (0 when clip is None)."""
     if clip is None:
         return torch.zeros((), dtype=torch.float32, device=loss_mask.device)
@@ -84,9 +87,16 @@ def discounted_returns(values_B_T: Tensor, loss_mask: Tensor, gamma: float) -> T
     return torch.where(loss_mask, returns_B_T, torch.zeros_like(returns_B_T))
 
 
-def advantages(student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor, *,
-               divergence: str | Divergence, estimator: str, gamma: float = 0.0,
-               log_ratio_clip: float | None = None) -> Tensor:
+def advantages(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    loss_mask: Tensor,
+    *,
+    divergence: str | Divergence,
+    estimator: str,
+    gamma: float = 0.0,
+    log_ratio_clip: float | None = None,
+) -> Tensor:
     """Detached per-token advantages [B, T] (to be maximised) for D_f(q || pi) on sampled tokens.
 
     ``estimator="opd"``: A_t = -sum_{t'>=t} gamma^(t'-t) f(u_t')  (stop-gradient, biased unless reverse KL)

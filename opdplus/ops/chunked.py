@@ -4,12 +4,14 @@ The exact and top-k teacher signals need the student's full distribution at ever
 naively that is a [B, T, V] float tensor for the student, another for the teacher, and the autograd
 graph keeps several more. Here the LM heads run on one chunk of positions at a time and, when the
 student needs a gradient, each chunk is recomputed in the backward pass (activation checkpointing),
-so peak memory grows with chunk * V (chunk = tokens per block), not B * T * V. ``exact_divergence`` / ``topk_divergence``
+so peak memory grows with chunk * V (chunk = tokens per block), not B * T * V.
+``exact_divergence`` / ``topk_divergence``
 on full logits are the slow twins the tests compare against.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -34,8 +36,9 @@ def _check_hidden(student_hidden_B_T_H: Tensor, chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _map_chunks(fn: Callable[..., Tensor], student_hidden_B_T_H: Tensor, per_position: tuple[Tensor, ...],
-                chunk_size: int) -> Tensor:
+def _map_chunks(
+    fn: Callable[..., Tensor], student_hidden_B_T_H: Tensor, per_position: tuple[Tensor, ...], chunk_size: int
+) -> Tensor:
     """Concatenate fn(hidden chunk, *per-position chunks) over chunks of positions, checkpointed."""
     positions = positions_per_chunk(chunk_size, student_hidden_B_T_H.shape[0])
     use_checkpoint = torch.is_grad_enabled() and student_hidden_B_T_H.requires_grad
@@ -47,8 +50,15 @@ def _map_chunks(fn: Callable[..., Tensor], student_hidden_B_T_H: Tensor, per_pos
     return torch.cat(pieces, dim=1)
 
 
-def chunked_exact_divergence(student_hidden_B_T_H: Tensor, student_head: Head, teacher_hidden_B_T_H: Tensor,
-                             teacher_head: Head, divergence: str | Divergence, *, chunk_size: int = 256) -> Tensor:
+def chunked_exact_divergence(
+    student_hidden_B_T_H: Tensor,
+    student_head: Head,
+    teacher_hidden_B_T_H: Tensor,
+    teacher_head: Head,
+    divergence: str | Divergence,
+    *,
+    chunk_size: int = 256,
+) -> Tensor:
     """D_f(q || pi) over the full vocabulary at each position, [B, T], from hidden states and heads.
 
     Same value and student gradient as ``exact_divergence(student_head(h_s), teacher_head(h_t))``;
@@ -56,8 +66,10 @@ def chunked_exact_divergence(student_hidden_B_T_H: Tensor, student_head: Head, t
     """
     _check_hidden(student_hidden_B_T_H, chunk_size)
     if teacher_hidden_B_T_H.shape[:2] != student_hidden_B_T_H.shape[:2]:
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden_B_T_H.shape)} and student_hidden "
-                         f"{tuple(student_hidden_B_T_H.shape)} must share [B, T]")
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden_B_T_H.shape)} and student_hidden "
+            f"{tuple(student_hidden_B_T_H.shape)} must share [B, T]"
+        )
     div = get_divergence(divergence)
 
     def chunk(student_hidden_B_C_H: Tensor, teacher_hidden_B_C_H: Tensor) -> Tensor:
@@ -68,9 +80,15 @@ def chunked_exact_divergence(student_hidden_B_T_H: Tensor, student_head: Head, t
     return _map_chunks(chunk, student_hidden_B_T_H, (teacher_hidden_B_T_H.detach(),), chunk_size)
 
 
-def chunked_topk_divergence(student_hidden_B_T_H: Tensor, student_head: Head, teacher_topk_ids_B_T_K: Tensor,
-                            teacher_topk_logprobs_B_T_K: Tensor, divergence: str | Divergence, *,
-                            chunk_size: int = 256) -> Tensor:
+def chunked_topk_divergence(
+    student_hidden_B_T_H: Tensor,
+    student_head: Head,
+    teacher_topk_ids_B_T_K: Tensor,
+    teacher_topk_logprobs_B_T_K: Tensor,
+    divergence: str | Divergence,
+    *,
+    chunk_size: int = 256,
+) -> Tensor:
     """D_f(q || pi) over the teacher's top-k plus a tail bucket, [B, T], chunked like the above."""
     _check_hidden(student_hidden_B_T_H, chunk_size)
     div = get_divergence(divergence)
@@ -78,5 +96,6 @@ def chunked_topk_divergence(student_hidden_B_T_H: Tensor, student_head: Head, te
     def chunk(student_hidden_B_C_H: Tensor, ids_B_C_K: Tensor, logprobs_B_C_K: Tensor) -> Tensor:
         return topk_divergence(_at_least_float32(student_head(student_hidden_B_C_H)), ids_B_C_K, logprobs_B_C_K, div)
 
-    return _map_chunks(chunk, student_hidden_B_T_H, (teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K.detach()),
-                       chunk_size)
+    return _map_chunks(
+        chunk, student_hidden_B_T_H, (teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K.detach()), chunk_size
+    )

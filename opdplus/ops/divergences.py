@@ -12,11 +12,12 @@ Directions follow DESIGN.md §1: ``reverse_kl`` is KL(pi||q), ``forward_kl`` is 
 (expm1, softplus) so they hold from l = -50 to 50 and beyond; ``growth`` is the largest k with
 |f| ~ exp(k |l|), used to keep intermediate values finite.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +191,9 @@ def _alpha(alpha: float | None = None) -> Divergence:
     denom = a * (a - 1.0)
 
     def weighted(logp: Tensor, logq: Tensor) -> Tensor:
-        both = torch.where((logp > -math.inf) & (logq > -math.inf), ((1 - a) * logp + a * logq).exp(),
-                           torch.zeros_like(logp))
+        both = torch.where(
+            (logp > -math.inf) & (logq > -math.inf), ((1 - a) * logp + a * logq).exp(), torch.zeros_like(logp)
+        )
         if a < 0:  # q = 0 with pi > 0 makes q^a infinite
             both = torch.where((logq == -math.inf) & (logp > -math.inf), torch.full_like(logp, math.inf), both)
         if a > 1:  # pi = 0 with q > 0 makes pi^(1-a) infinite
@@ -255,8 +257,9 @@ def get_divergence(name: str | Divergence, **params: float) -> Divergence:
         raise ValueError(f"divergence {name!r} does not take parameters {sorted(params)}: {err}") from None
 
 
-def divergence_from_f(name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom",
-                      growth: float = 1.0) -> Divergence:
+def divergence_from_f(
+    name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom", growth: float = 1.0
+) -> Divergence:
     """A divergence from f(u) alone (f convex, f(1) = 0); u f'(u) = d f(exp(l)) / dl by autograd.
 
     ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|).
@@ -274,9 +277,15 @@ def divergence_from_f(name: str, f_of_u: Callable[[Tensor], Tensor], *, directio
     return Divergence(name=name, direction=direction, f=f, u_fprime=u_fprime, growth=growth)
 
 
-def register_divergence(name: str, f_of_u: Callable[[Tensor], Tensor] | None = None, *,
-                        factory: Callable[..., Divergence] | None = None, direction: str = "custom",
-                        growth: float = 1.0, overwrite: bool = False) -> None:
+def register_divergence(
+    name: str,
+    f_of_u: Callable[[Tensor], Tensor] | None = None,
+    *,
+    factory: Callable[..., Divergence] | None = None,
+    direction: str = "custom",
+    growth: float = 1.0,
+    overwrite: bool = False,
+) -> None:
     """Register a divergence by name: from f(u) alone, or a ``factory(**params) -> Divergence``."""
     if (f_of_u is None) == (factory is None):
         raise ValueError("register_divergence needs exactly one of f_of_u or factory")

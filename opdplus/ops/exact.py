@@ -5,6 +5,7 @@
 computed in the perspective form pi f(q/pi) from log-softmaxes, so it stays finite where pi -> 0.
 Differentiable with respect to the student logits (the teacher side is treated as a constant).
 """
+
 from __future__ import annotations
 
 import torch

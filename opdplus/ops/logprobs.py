@@ -6,9 +6,10 @@ block of about ``chunk_size`` rows x V, never a full [B, T, V] float tensor. Wit
 recomputed in the backward pass (activation checkpointing), so the gradient path also holds only one
 chunk of logits. ``naive_target_logprobs`` is the slow twin used by the tests.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +65,12 @@ def chunked_target_logprobs(
     use_checkpoint = torch.is_grad_enabled() and hidden_B_T_H.requires_grad
     pieces = []
     for start in range(0, hidden_B_T_H.shape[1], positions):
-        hidden_B_C_H = hidden_B_T_H[:, start:start + positions]
-        targets_B_C = targets_B_T[:, start:start + positions]
+        hidden_B_C_H = hidden_B_T_H[:, start : start + positions]
+        targets_B_C = targets_B_T[:, start : start + positions]
         if use_checkpoint:
-            piece = checkpoint(_chunk_logprobs, head, hidden_B_C_H, targets_B_C, temperature, logit_softcap,
-                               use_reentrant=False)
+            piece = checkpoint(
+                _chunk_logprobs, head, hidden_B_C_H, targets_B_C, temperature, logit_softcap, use_reentrant=False
+            )
         else:
             piece = _chunk_logprobs(head, hidden_B_C_H, targets_B_C, temperature, logit_softcap)
         pieces.append(piece)
@@ -77,7 +79,9 @@ def chunked_target_logprobs(
     return torch.cat(pieces, dim=1)
 
 
-def naive_target_logprobs(logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def naive_target_logprobs(
+    logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Reference: full float32 log-softmax over [B, T, V], then gather the targets."""
     logprobs_B_T_V = torch.log_softmax(logits_B_T_V.float() / temperature, dim=-1)
     return logprobs_B_T_V.gather(-1, targets_B_T.unsqueeze(-1)).squeeze(-1)
@@ -100,14 +104,20 @@ def shifted_completion_logprobs(
     if not 1 <= start <= input_ids_B_T.shape[1]:
         raise ValueError(f"start must be in [1, T={input_ids_B_T.shape[1]}], got {start}")
     completion_B_C = chunked_target_logprobs(
-        hidden_B_T_H[:, start - 1:-1], head, input_ids_B_T[:, start:],
-        chunk_size=chunk_size, temperature=temperature, logit_softcap=logit_softcap,
+        hidden_B_T_H[:, start - 1 : -1],
+        head,
+        input_ids_B_T[:, start:],
+        chunk_size=chunk_size,
+        temperature=temperature,
+        logit_softcap=logit_softcap,
     )
     prefix_B_S = completion_B_C.new_zeros(input_ids_B_T.shape[0], start)
     return torch.cat([prefix_B_S, completion_B_C], dim=1)
 
 
-def sampling_logprobs(logits_B_V: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def sampling_logprobs(
+    logits_B_V: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Log-probs of the distribution a sampler draws from: ``log softmax(logits / temperature)``
     restricted to the ``top_k`` most likely tokens (0 = all) and to the smallest set whose mass reaches
     ``top_p`` (1 = all), renormalised. Excluded tokens get -inf. Float32, shape [B, V]."""

@@ -13,6 +13,7 @@ The top-k divergence is the f-divergence between the two distributions coarsened
 it equals the exact one when the tail holds at most one token (k >= V - 1) and, by the data
 processing inequality, never exceeds it otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,12 @@ def topk_tail_logprobs(logprobs_B_T_K: Tensor) -> Tensor:
     return torch.cat([logprobs, tail_B_T[..., None]], dim=-1)
 
 
-def topk_divergence(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: Tensor, teacher_topk_logprobs_B_T_K: Tensor,
-                    divergence: str | Divergence) -> Tensor:
+def topk_divergence(
+    student_logits_B_T_V: Tensor,
+    teacher_topk_ids_B_T_K: Tensor,
+    teacher_topk_logprobs_B_T_K: Tensor,
+    divergence: str | Divergence,
+) -> Tensor:
     """D_f(q || pi) per position over the teacher's top-k ids plus one tail bucket, [B, T].
 
     ``teacher_topk_logprobs_B_T_K`` are log q(v|c_t) normalised over the full vocabulary (as a
@@ -51,8 +56,10 @@ def topk_divergence(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: Tensor
     """
     if student_logits_B_T_V.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits_B_T_V.shape)}")
-    if teacher_topk_ids_B_T_K.shape != teacher_topk_logprobs_B_T_K.shape or \
-            teacher_topk_ids_B_T_K.shape[:2] != student_logits_B_T_V.shape[:2]:
+    if (
+        teacher_topk_ids_B_T_K.shape != teacher_topk_logprobs_B_T_K.shape
+        or teacher_topk_ids_B_T_K.shape[:2] != student_logits_B_T_V.shape[:2]
+    ):
         raise ValueError(
             "teacher top-k ids and log-probs must be [B, T, K] matching the student's [B, T]: got "
             f"student_logits={tuple(student_logits_B_T_V.shape)}, ids={tuple(teacher_topk_ids_B_T_K.shape)}, "
@@ -69,29 +76,41 @@ def topk_divergence(student_logits_B_T_V: Tensor, teacher_topk_ids_B_T_K: Tensor
         # its top-k mass, since a served teacher returns nothing else.
         in_topk_B_T_V = torch.zeros_like(student_logp_B_T_V, dtype=torch.bool).scatter(-1, ids_B_T_K, True)
         student_tail_B_T = torch.logsumexp(student_logp_B_T_V.masked_fill(in_topk_B_T_V, -math.inf), dim=-1)
-        student_topk_B_T_K = torch.cat([student_topk_B_T_K, student_tail_B_T.double().clamp(min=TAIL_LOG_FLOOR)[..., None]], -1)
+        student_topk_B_T_K = torch.cat(
+            [student_topk_B_T_K, student_tail_B_T.double().clamp(min=TAIL_LOG_FLOOR)[..., None]], -1
+        )
         teacher_topk_B_T_K = topk_tail_logprobs(teacher_topk_B_T_K)
     return div.weighted(student_topk_B_T_K, teacher_topk_B_T_K).sum(-1).to(compute_dtype)
 
 
-def per_position_divergence_loss(divergence_B_T: Tensor, student_logprobs: Tensor, sampler_logprobs: Tensor,
-                                 loss_mask: Tensor, *, gamma: float = 0.0, clip_eps: float | None = None,
-                                 normalizer: float | Tensor | None = None) -> Tensor:
+def per_position_divergence_loss(
+    divergence_B_T: Tensor,
+    student_logprobs: Tensor,
+    sampler_logprobs: Tensor,
+    loss_mask: Tensor,
+    *,
+    gamma: float = 0.0,
+    clip_eps: float | None = None,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
     """Loss for an exact or top-k per-position divergence D_t (with grad), horizon rule applied.
 
     loss = (1/N) sum_t mask * D_t  +  policy_loss with advantage A_t = -sum_{t'>t} gamma^(t'-t) D_t'
     (the future part vanishes for gamma = 0). ``student_logprobs`` are log pi(y_t|c_t) of the sampled
     tokens under the current weights, ``sampler_logprobs`` those recorded at generation.
     """
-    check_token_tensors(loss_mask, divergence=divergence_B_T, student_logprobs=student_logprobs,
-                        sampler_logprobs=sampler_logprobs)
+    check_token_tensors(
+        loss_mask, divergence=divergence_B_T, student_logprobs=student_logprobs, sampler_logprobs=sampler_logprobs
+    )
     if normalizer is None:
         normalizer = loss_mask.sum().clamp(min=1)
     local = torch.where(loss_mask, divergence_B_T, torch.zeros_like(divergence_B_T)).sum() / normalizer
     if gamma == 0.0:
         return local
     detached = divergence_B_T.detach()
-    future_B_T = discounted_returns(detached, loss_mask, gamma) - torch.where(loss_mask, detached,
-                                                                              torch.zeros_like(detached))
-    return local + policy_loss(student_logprobs, sampler_logprobs, -future_B_T, loss_mask, clip_eps=clip_eps,
-                               normalizer=normalizer)
+    future_B_T = discounted_returns(detached, loss_mask, gamma) - torch.where(
+        loss_mask, detached, torch.zeros_like(detached)
+    )
+    return local + policy_loss(
+        student_logprobs, sampler_logprobs, -future_B_T, loss_mask, clip_eps=clip_eps, normalizer=normalizer
+    )

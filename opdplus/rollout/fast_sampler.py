@@ -22,6 +22,7 @@ because it skips ``generate``'s per-step machinery and wasted work:
 The random stream therefore differs from ``Sampler``'s (same distribution, different draws); greedy
 decoding gives the same tokens as HF ``generate``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -54,14 +55,16 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache capacity {self.capacity} exceeded (need {end})")
-        self.key_buffer[:, :, self.length:end].copy_(key_states)
-        self.value_buffer[:, :, self.length:end].copy_(value_states)
+        self.key_buffer[:, :, self.length : end].copy_(key_states)
+        self.value_buffer[:, :, self.length : end].copy_(value_states)
         self.length = end
         self.keys = self.key_buffer[:, :, :end]
         self.values = self.value_buffer[:, :, :end]
@@ -78,8 +81,8 @@ class PreallocatedLayer(DynamicLayer):
             return
         self.key_buffer = self.key_buffer[indices]
         self.value_buffer = self.value_buffer[indices]
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
 
     def reset(self) -> None:
         super().reset()
@@ -120,14 +123,17 @@ class DirectDecoder:
             and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
         )
 
-    def __call__(self, token_b: torch.Tensor, position_b: torch.Tensor, key_valid_b_S: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def __call__(
+        self, token_b: torch.Tensor, position_b: torch.Tensor, key_valid_b_S: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
         """Logits ``[b, V]`` for the next token; appends this step's keys/values to ``cache``."""
         hidden_b_1_H = self.decoder.embed_tokens(token_b[:, None])
         cos, sin = self.decoder.rotary_emb(hidden_b_1_H, position_ids=position_b[:, None])
         mask_b_1_1_S = key_valid_b_S[:, None, None, :]
         for layer, layer_cache in zip(self.decoder.layers, cache.layers):
-            hidden_b_1_H = hidden_b_1_H + self._attention(layer.self_attn, layer.input_layernorm(hidden_b_1_H), cos, sin,
-                                                          mask_b_1_1_S, layer_cache)
+            hidden_b_1_H = hidden_b_1_H + self._attention(
+                layer.self_attn, layer.input_layernorm(hidden_b_1_H), cos, sin, mask_b_1_1_S, layer_cache
+            )
             hidden_b_1_H = hidden_b_1_H + layer.mlp(layer.post_attention_layernorm(hidden_b_1_H))
         return head_logits(self.head, self.decoder.norm(hidden_b_1_H)[:, -1])
 
@@ -140,8 +146,9 @@ class DirectDecoder:
         query, key = self.apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         value = attn.v_proj(x_b_1_H).view(shape).transpose(1, 2)
         keys, values = layer_cache.update(key, value)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask_b_1_1_S, scale=attn.scaling,
-                                             enable_gqa=keys.shape[1] != query.shape[1])
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask_b_1_1_S, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
+        )
         return attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
 
@@ -153,8 +160,12 @@ def head_logits(head: torch.nn.Module, hidden_b_H: torch.Tensor) -> torch.Tensor
     (``bench/sampler.py --head``); same dot products, other summation order. Otherwise the head as is.
     """
     rows = hidden_b_H.shape[0]
-    if (type(head) is torch.nn.Linear and hidden_b_H.device.type == "cpu" and 2 <= rows <= 8
-            and head.out_features >= 8192):
+    if (
+        type(head) is torch.nn.Linear
+        and hidden_b_H.device.type == "cpu"
+        and 2 <= rows <= 8
+        and head.out_features >= 8192
+    ):
         logits_b_V = (head.weight @ hidden_b_H.T).T
         return logits_b_V if head.bias is None else logits_b_V + head.bias
     return head(hidden_b_H)
@@ -170,7 +181,9 @@ class FastSampler(Sampler):
     """Samples ``samples_per_prompt`` completions per task item; same interface and output as ``Sampler``,
     with our own decode loop in place of HF ``generate``."""
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings, generator: torch.Generator, *, compile: bool = False) -> None:
+    def __init__(
+        self, model, tokenizer, settings: SamplingSettings, generator: torch.Generator, *, compile: bool = False
+    ) -> None:
         super().__init__(model, tokenizer, settings, generator)
         self.compile = compile
         self._cache_kwarg = cache_keyword(model)
@@ -185,8 +198,12 @@ class FastSampler(Sampler):
         attention_B_S = prompt_mask_B_P.long().to(device)
         position_B_P = (attention_B_S.cumsum(-1) - 1).clamp(min=0)
         logits_b_V = self.model(
-            input_ids=prompt_ids_B_P.to(device), attention_mask=attention_B_S, position_ids=position_B_P,
-            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
+            input_ids=prompt_ids_B_P.to(device),
+            attention_mask=attention_B_S,
+            position_ids=position_B_P,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
         ).logits[:, -1]
         next_position_b = position_B_P[:, -1] + 1
         decode_step = self._decode_step(DirectDecoder.supports(self.model, cache))
@@ -207,7 +224,11 @@ class FastSampler(Sampler):
                 keep_b = running_b.nonzero().squeeze(1)
                 cache.batch_select_indices(keep_b)
                 rows_b, token_b, next_position_b, attention_B_S = (
-                    rows_b[keep_b], token_b[keep_b], next_position_b[keep_b], attention_B_S[keep_b])
+                    rows_b[keep_b],
+                    token_b[keep_b],
+                    next_position_b[keep_b],
+                    attention_B_S[keep_b],
+                )
             attention_B_S = torch.cat([attention_B_S, attention_B_S.new_ones(attention_B_S.shape[0], 1)], dim=1)
             logits_b_V = decode_step(token_b, next_position_b, attention_B_S, cache)
             next_position_b = next_position_b + 1
@@ -223,12 +244,19 @@ class FastSampler(Sampler):
 
     @staticmethod
     def _direct_step(decoder: DirectDecoder):
-        return lambda token_b, position_b, attention_b_S, cache: decoder(token_b, position_b, attention_b_S.bool(), cache)
+        return lambda token_b, position_b, attention_b_S, cache: decoder(
+            token_b, position_b, attention_b_S.bool(), cache
+        )
 
-    def _hf_step(self, token_b: torch.Tensor, position_b: torch.Tensor, attention_b_S: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def _hf_step(
+        self, token_b: torch.Tensor, position_b: torch.Tensor, attention_b_S: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
         return self.model(
-            input_ids=token_b[:, None], attention_mask=attention_b_S, position_ids=position_b[:, None],
-            use_cache=True, **{self._cache_kwarg: cache},
+            input_ids=token_b[:, None],
+            attention_mask=attention_b_S,
+            position_ids=position_b[:, None],
+            use_cache=True,
+            **{self._cache_kwarg: cache},
         ).logits[:, -1]
 
     def _draw(self, logits_b_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

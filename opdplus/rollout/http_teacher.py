@@ -9,6 +9,7 @@ Transient failures (connection errors, timeouts, HTTP 5xx / 408 / 429) are retri
 exponential backoff; after ``max_retries`` retries ``TeacherUnavailableError`` names the URL.
 Other 4xx answers raise ``TeacherRequestError`` at once with the server's message.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,10 +69,21 @@ class HTTPTeacher:
         transport: an ``httpx`` transport (for tests); default is a real connection pool.
     """
 
-    def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 16.0, max_concurrency: int = 4,
-                 rows_per_request: int = 8, response_shape: str = "prompt_logprobs",
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 16.0,
+        max_concurrency: int = 4,
+        rows_per_request: int = 8,
+        response_shape: str = "prompt_logprobs",
+        transport: httpx.BaseTransport | None = None,
+    ):
         if max_concurrency < 1 or rows_per_request < 1 or max_retries < 0:
             raise ValueError("max_concurrency and rows_per_request must be >= 1 and max_retries >= 0")
         scoring_request_body([[0]], model=None, shape=response_shape)  # validates the shape name
@@ -84,8 +96,12 @@ class HTTPTeacher:
         self.rows_per_request = rows_per_request
         self.response_shape = response_shape
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=timeout_s, transport=transport,
-                                    limits=httpx.Limits(max_connections=max_concurrency))
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=timeout_s,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_concurrency),
+        )
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="opdplus-http-teacher")
         self._lock = threading.Lock()
         self.stats = HTTPTeacherStats()
@@ -134,7 +150,7 @@ class HTTPTeacher:
         device = batch.input_ids_B_T.device
         return ids_B_T_K.to(device), logprobs_B_T_K.to(device)
 
-    def _count(self, plan: "_RowPlan", seconds: float) -> None:
+    def _count(self, plan: _RowPlan, seconds: float) -> None:
         with self._lock:
             self.stats.rows += len(plan.rows)
             self.stats.tokens += sum(len(p) for p in plan.prompts)
@@ -155,7 +171,7 @@ class HTTPTeacher:
             return []
         if self.model is None:
             self.model = self._served_model()
-        chunks = [prompts[i: i + self.rows_per_request] for i in range(0, len(prompts), self.rows_per_request)]
+        chunks = [prompts[i : i + self.rows_per_request] for i in range(0, len(prompts), self.rows_per_request)]
         results = list(self._pool.map(lambda chunk: self._score_chunk(chunk, top_k), chunks))
         return [values for chunk in results for values in chunk]
 
@@ -164,7 +180,9 @@ class HTTPTeacher:
         payload = self._post(scoring_request_body(prompts, model=self.model, shape=shape, top_k=top_k))
         choices = sorted(payload.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != len(prompts):
-            raise TeacherRequestError(f"teacher at {self.url} returned {len(choices)} choices for {len(prompts)} prompts")
+            raise TeacherRequestError(
+                f"teacher at {self.url} returned {len(choices)} choices for {len(prompts)} prompts"
+            )
         try:
             if top_k:
                 return [prompt_topk(choice, ids, top_k) for choice, ids in zip(choices, prompts)]
@@ -203,14 +221,17 @@ class HTTPTeacher:
                 last_problem = f"HTTP {response.status_code}: {_error_message(response)}"
                 continue
             if response.status_code != 200:
-                raise TeacherRequestError(f"teacher at {url} rejected the request with HTTP {response.status_code}: "
-                                          f"{_error_message(response)}")
+                raise TeacherRequestError(
+                    f"teacher at {url} rejected the request with HTTP {response.status_code}: "
+                    f"{_error_message(response)}"
+                )
             try:
                 return response.json()
             except ValueError:
                 raise TeacherRequestError(f"teacher at {url} answered 200 with a body that is not JSON") from None
-        raise TeacherUnavailableError(f"teacher at {url} failed after {self.max_retries + 1} attempts; "
-                                      f"last error: {last_problem}")
+        raise TeacherUnavailableError(
+            f"teacher at {url} failed after {self.max_retries + 1} attempts; last error: {last_problem}"
+        )
 
     def _backoff(self, retry: int) -> float:
         delay = min(self.max_backoff_s, self.backoff_s * 2**retry)
@@ -222,8 +243,13 @@ class HTTPTeacher:
         """Counters since construction (or the last reset): requests (incl. retries), retries, rows, tokens,
         seconds in ``score``."""
         with self._lock:
-            out = {"requests": self.stats.requests, "retries": self.stats.retries, "rows": self.stats.rows,
-                   "tokens": self.stats.tokens, "seconds": self.stats.seconds}
+            out = {
+                "requests": self.stats.requests,
+                "retries": self.stats.retries,
+                "rows": self.stats.rows,
+                "tokens": self.stats.tokens,
+                "seconds": self.stats.seconds,
+            }
             if reset:
                 self.stats = HTTPTeacherStats()
             return out
@@ -232,7 +258,7 @@ class HTTPTeacher:
         self._pool.shutdown(wait=False)
         self._client.close()
 
-    def __enter__(self) -> "HTTPTeacher":
+    def __enter__(self) -> HTTPTeacher:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -249,9 +275,10 @@ class _RowPlan:
     prompts: list[list[int]]  # token ids sent for those rows
 
     @classmethod
-    def of(cls, batch: RolloutBatch) -> "_RowPlan":
-        ids_B_T, attn_B_T, loss_B_T = (t.cpu() for t in (batch.input_ids_B_T, batch.attention_mask_B_T,
-                                                          batch.loss_mask_B_T))
+    def of(cls, batch: RolloutBatch) -> _RowPlan:
+        ids_B_T, attn_B_T, loss_B_T = (
+            t.cpu() for t in (batch.input_ids_B_T, batch.attention_mask_B_T, batch.loss_mask_B_T)
+        )
         if (loss_B_T & ~attn_B_T).any():
             raise ValueError("loss_mask_B_T is True at padding positions (attention_mask_B_T False)")
         columns = [_scored_columns(attn_B_T[b], loss_B_T[b], b) for b in range(ids_B_T.shape[0])]
@@ -266,8 +293,10 @@ def _scored_columns(attn_T: torch.Tensor, loss_T: torch.Tensor, row: int) -> tor
     if len(in_loss) == 0:
         return cols[:0]
     if in_loss[0] == 0:
-        raise ValueError(f"row {row}: the first real token is in the loss mask, but a teacher cannot score a "
-                         "token without context (the prompt must be non-empty)")
+        raise ValueError(
+            f"row {row}: the first real token is in the loss mask, but a teacher cannot score a "
+            "token without context (the prompt must be non-empty)"
+        )
     return cols[: int(in_loss[-1]) + 1]
 
 

@@ -18,12 +18,14 @@ Log-probs are clamped at -9999.0 as vLLM does (JSON has no -inf). Server side:
 ``parse_completion_request`` and ``format_completion_response``; client side:
 ``prompt_token_logprobs``. No web framework is imported here.
 """
+
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 LOGPROB_FLOOR = -9999.0
 
@@ -38,9 +40,14 @@ class RequestError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowedError", 413: "RequestTooLargeError",
-                503: "ServiceUnavailableError"}.get(self.status, "Error")
+        kind = {
+            400: "BadRequestError",
+            401: "AuthenticationError",
+            404: "NotFoundError",
+            405: "MethodNotAllowedError",
+            413: "RequestTooLargeError",
+            503: "ServiceUnavailableError",
+        }.get(self.status, "Error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
 
 
@@ -83,8 +90,10 @@ class PromptScores:
 # server side: request validation
 # --------------------------------------------------------------------------------------------
 
-_SCORING_ONLY = ("this is a scoring-only server: it returns prompt log-probs and does not generate; "
-                 "send max_tokens=0 with echo=true and logprobs=N, or with prompt_logprobs=N")
+_SCORING_ONLY = (
+    "this is a scoring-only server: it returns prompt log-probs and does not generate; "
+    "send max_tokens=0 with echo=true and logprobs=N, or with prompt_logprobs=N"
+)
 
 
 def parse_completion_request(body: Any, *, limits: ServerLimits, vocab_size: int, model_name: str) -> ScoreRequest:
@@ -147,8 +156,9 @@ def _get_k(body: dict, key: str, limits: ServerLimits) -> int | None:
     if value is None:
         return None
     if not _is_int(value) or value < 0:
-        raise RequestError(400, f"`{key}` must be an integer >= 0 (top-k alternatives per token), got {value!r}",
-                           param=key)
+        raise RequestError(
+            400, f"`{key}` must be an integer >= 0 (top-k alternatives per token), got {value!r}", param=key
+        )
     if value > limits.max_top_logprobs:
         raise RequestError(400, f"`{key}`={value} exceeds this server's limit of {limits.max_top_logprobs}", param=key)
     return value
@@ -156,18 +166,26 @@ def _get_k(body: dict, key: str, limits: ServerLimits) -> int | None:
 
 def _get_prompts(body: dict, limits: ServerLimits, vocab_size: int) -> list[list[int]]:
     if "prompt" not in body:
-        raise RequestError(400, "missing field `prompt` (token ids: a list of ints or a list of lists of ints)",
-                           param="prompt")
+        raise RequestError(
+            400, "missing field `prompt` (token ids: a list of ints or a list of lists of ints)", param="prompt"
+        )
     prompt = body["prompt"]
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-        raise RequestError(400, "text prompts are not accepted: send token ids (a list of ints or a list of lists "
-                                "of ints), tokenized with the teacher's tokenizer", param="prompt")
+        raise RequestError(
+            400,
+            "text prompts are not accepted: send token ids (a list of ints or a list of lists "
+            "of ints), tokenized with the teacher's tokenizer",
+            param="prompt",
+        )
     if not isinstance(prompt, list) or not prompt:
-        raise RequestError(400, "`prompt` must be a non-empty list of token ids or a list of such lists", param="prompt")
+        raise RequestError(
+            400, "`prompt` must be a non-empty list of token ids or a list of such lists", param="prompt"
+        )
     prompts = [prompt] if _is_int(prompt[0]) else prompt
     if len(prompts) > limits.max_prompts_per_request:
-        raise RequestError(400, f"{len(prompts)} prompts in one request; the limit is "
-                                f"{limits.max_prompts_per_request}", param="prompt")
+        raise RequestError(
+            400, f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}", param="prompt"
+        )
     for i, ids in enumerate(prompts):
         _check_token_ids(i, ids, limits, vocab_size)
     return prompts
@@ -176,25 +194,35 @@ def _get_prompts(body: dict, limits: ServerLimits, vocab_size: int) -> list[list
 def _check_token_ids(i: int, ids: Any, limits: ServerLimits, vocab_size: int) -> None:
     where = f"prompt[{i}]"
     if not isinstance(ids, list) or not ids:
-        raise RequestError(400, f"{where} must be a non-empty list of token ids, got {type(ids).__name__}",
-                           param="prompt")
+        raise RequestError(
+            400, f"{where} must be a non-empty list of token ids, got {type(ids).__name__}", param="prompt"
+        )
     if len(ids) > limits.max_prompt_tokens:
-        raise RequestError(400, f"{where} has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}",
-                           param="prompt")
+        raise RequestError(
+            400, f"{where} has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", param="prompt"
+        )
     for j, tok in enumerate(ids):
         if not _is_int(tok):
             raise RequestError(400, f"{where}[{j}] = {tok!r} is not an integer token id", param="prompt")
         if not 0 <= tok < vocab_size:
-            raise RequestError(400, f"{where}[{j}] = {tok} is out of range: token ids must be in [0, {vocab_size})",
-                               param="prompt")
+            raise RequestError(
+                400, f"{where}[{j}] = {tok} is out of range: token ids must be in [0, {vocab_size})", param="prompt"
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # server side: response
 # --------------------------------------------------------------------------------------------
 
-def format_completion_response(request: ScoreRequest, scores: list[PromptScores], *, model_name: str,
-                               decode: Callable[[int], str], decode_text: Callable[[list[int]], str]) -> dict:
+
+def format_completion_response(
+    request: ScoreRequest,
+    scores: list[PromptScores],
+    *,
+    model_name: str,
+    decode: Callable[[int], str],
+    decode_text: Callable[[list[int]], str],
+) -> dict:
     """The vLLM-shaped ``text_completion`` response for a validated request and its scores."""
     token_str = (lambda t: f"token_id:{t}") if request.return_tokens_as_token_ids else decode
     choices = []
@@ -232,8 +260,13 @@ def _floor(lp: float) -> float:
 def _prompt_logprobs_block(ids: list[int], sc: PromptScores, k: int, decode: Callable[[int], str]) -> list:
     block: list[dict | None] = [None]
     for pos, tok in enumerate(ids[1:]):
-        entry = {str(tok): {"logprob": _floor(sc.token_logprobs[pos]), "rank": sc.token_ranks[pos],
-                            "decoded_token": decode(tok)}}
+        entry = {
+            str(tok): {
+                "logprob": _floor(sc.token_logprobs[pos]),
+                "rank": sc.token_ranks[pos],
+                "decoded_token": decode(tok),
+            }
+        }
         for rank, (alt, lp) in enumerate(zip(sc.top_ids[pos][:k], sc.top_logprobs[pos][:k]), start=1):
             entry.setdefault(str(alt), {"logprob": _floor(lp), "rank": rank, "decoded_token": decode(alt)})
         block.append(entry)
@@ -247,7 +280,7 @@ def _echo_block(ids: list[int], sc: PromptScores, k: int, token_str: Callable[[i
         offsets.append(offset)
         offset += len(text)
     top: list[dict | None] = [None]
-    for pos, tok in enumerate(ids[1:]):
+    for pos in range(len(ids) - 1):
         entry = {tokens[pos + 1]: _floor(sc.token_logprobs[pos])}
         for alt, lp in zip(sc.top_ids[pos][:k], sc.top_logprobs[pos][:k]):
             entry.setdefault(token_str(alt), _floor(lp))
@@ -264,8 +297,10 @@ def _echo_block(ids: list[int], sc: PromptScores, k: int, token_str: Callable[[i
 # client side
 # --------------------------------------------------------------------------------------------
 
-def scoring_request_body(prompts: list[list[int]], *, model: str | None, shape: str = "prompt_logprobs",
-                         top_k: int = 0) -> dict:
+
+def scoring_request_body(
+    prompts: list[list[int]], *, model: str | None, shape: str = "prompt_logprobs", top_k: int = 0
+) -> dict:
     """The request body that asks an OpenAI/vLLM server for the log-prob of every prompt token.
 
     ``shape="prompt_logprobs"`` asks for vLLM's ``prompt_logprobs`` (exact token-id keys);
@@ -305,8 +340,10 @@ def prompt_token_logprobs(choice: dict, ids: list[int]) -> list[float]:
         if any(v is None for v in values[1:n_needed]):
             raise ValueError("logprobs.token_logprobs has null entries after the first prompt token")
         return [float(v) for v in values[1:n_needed]]
-    raise ValueError("the response choice has neither `prompt_logprobs` nor `logprobs.token_logprobs`; "
-                     "is the server vLLM-compatible and did it accept echo/max_tokens=0?")
+    raise ValueError(
+        "the response choice has neither `prompt_logprobs` nor `logprobs.token_logprobs`; "
+        "is the server vLLM-compatible and did it accept echo/max_tokens=0?"
+    )
 
 
 def _logprob_of(entry: Any, token_id: int, pos: int) -> float:
@@ -322,18 +359,25 @@ def prompt_topk(choice: dict, ids: list[int], k: int) -> tuple[list[list[int]], 
     """The top-k token ids and log-probs (best first) at positions 1..L-1 of one choice's ``prompt_logprobs``."""
     block = choice.get("prompt_logprobs")
     if block is None or len(block) < len(ids):
-        raise ValueError(f"top-k needs `prompt_logprobs` with one entry per prompt token ({len(ids)}), got "
-                         f"{None if block is None else len(block)}")
+        raise ValueError(
+            f"top-k needs `prompt_logprobs` with one entry per prompt token ({len(ids)}), got "
+            f"{None if block is None else len(block)}"
+        )
     top_ids, top_lps = [], []
     for pos in range(1, len(ids)):
         entry = block[pos]
         if not isinstance(entry, dict):
             raise ValueError(f"prompt_logprobs[{pos}] is {entry!r}, expected a mapping token id -> logprob")
-        ranked = sorted((v["rank"], int(tok), float(v["logprob"])) for tok, v in entry.items()
-                        if isinstance(v, dict) and v.get("rank") is not None and v["rank"] <= k)
+        ranked = sorted(
+            (v["rank"], int(tok), float(v["logprob"]))
+            for tok, v in entry.items()
+            if isinstance(v, dict) and v.get("rank") is not None and v["rank"] <= k
+        )
         if len(ranked) < k:
-            raise ValueError(f"prompt_logprobs[{pos}] holds {len(ranked)} entries ranked <= {k}; "
-                             f"did the server cap prompt_logprobs (vLLM: --max-logprobs)?")
+            raise ValueError(
+                f"prompt_logprobs[{pos}] holds {len(ranked)} entries ranked <= {k}; "
+                f"did the server cap prompt_logprobs (vLLM: --max-logprobs)?"
+            )
         top_ids.append([tok for _, tok, _ in ranked[:k]])
         top_lps.append([lp for _, _, lp in ranked[:k]])
     return top_ids, top_lps

@@ -1,4 +1,5 @@
 """``RoutedTeacher``: several teachers, each row scored by the teacher of its task tag (``batch.tasks``)."""
+
 from __future__ import annotations
 
 import time
@@ -68,22 +69,27 @@ class RoutedTeacher:
         sub_B_T = self.teachers[task].score(sub)
         elapsed = time.perf_counter() - start
         if tuple(sub_B_T.shape) != tuple(sub.input_ids_B_T.shape):
-            raise ValueError(f"teacher for task {task!r} returned shape {tuple(sub_B_T.shape)}, "
-                             f"expected {tuple(sub.input_ids_B_T.shape)}")
+            raise ValueError(
+                f"teacher for task {task!r} returned shape {tuple(sub_B_T.shape)}, "
+                f"expected {tuple(sub.input_ids_B_T.shape)}"
+            )
         self._record(task, len(rows), int(sub.loss_mask_B_T.sum()), elapsed)
         return rows, sub_B_T
 
     def _rows_by_task(self, batch: RolloutBatch) -> dict[str, list[int]]:
         if len(batch.tasks) != batch.batch_size:
-            raise ValueError(f"RoutedTeacher needs one task tag per row: batch.tasks has {len(batch.tasks)} "
-                             f"entries for {batch.batch_size} rows")
+            raise ValueError(
+                f"RoutedTeacher needs one task tag per row: batch.tasks has {len(batch.tasks)} "
+                f"entries for {batch.batch_size} rows"
+            )
         groups: dict[str, list[int]] = {}
         for row, task in enumerate(batch.tasks):
             groups.setdefault(task, []).append(row)
         missing = sorted(set(groups) - set(self.teachers))
         if missing:
-            raise MissingTeacherError(f"no teacher for task(s) {missing}; teachers are configured for "
-                                      f"{sorted(self.teachers)}")
+            raise MissingTeacherError(
+                f"no teacher for task(s) {missing}; teachers are configured for {sorted(self.teachers)}"
+            )
         return groups
 
     def _record(self, task: str, rows: int, tokens: int, seconds: float) -> None:

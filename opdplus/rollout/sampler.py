@@ -5,6 +5,7 @@ sampler's own ``torch.Generator`` (saved in checkpoints, so a resumed run draws 
 records the drawn token's log-prob; ``generate`` itself runs greedy over the forced choice. The
 recorded ``sampler_logprobs`` are therefore exactly those of the distribution sampled from.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -88,8 +89,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids_B_P = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask_B_P = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids_B_P[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask_B_P[i, width - len(row):] = True
+        ids_B_P[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask_B_P[i, width - len(row) :] = True
     return ids_B_P, mask_B_P
 
 
@@ -107,7 +108,8 @@ class Sampler:
         if settings.temperature != 1.0:
             warnings.warn(
                 f"sampling temperature {settings.temperature} != 1: rollouts are off-policy for the student; "
-                "the importance ratio uses the tempered sampler log-probs", stacklevel=2,
+                "the importance ratio uses the tempered sampler log-probs",
+                stacklevel=2,
             )
         self.model = model
         self.tokenizer = tokenizer
@@ -137,7 +139,10 @@ class Sampler:
         self.model.eval()
         try:
             size = self.settings.batch_size
-            parts = [self.decode(prompt_ids_B_P[i:i + size], prompt_mask_B_P[i:i + size]) for i in range(0, len(prompts), size)]
+            parts = [
+                self.decode(prompt_ids_B_P[i : i + size], prompt_mask_B_P[i : i + size])
+                for i in range(0, len(prompts), size)
+            ]
         finally:
             self.model.train(was_training)
         return assemble_rollouts(prompt_ids_B_P, prompt_mask_B_P, parts, pad_id=self.pad_id, eos_ids=self.eos_ids)
@@ -146,14 +151,19 @@ class Sampler:
         """One ``generate`` call: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU."""
         recorder = _SampleAndRecord(self.settings, self.generator)
         config = GenerationConfig(
-            max_new_tokens=self.settings.max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            max_new_tokens=self.settings.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
         )
         sequences = self.model.generate(
-            input_ids=prompt_ids_B_P.to(self.device), attention_mask=prompt_mask_B_P.long().to(self.device),
-            generation_config=config, logits_processor=LogitsProcessorList([recorder]),
+            input_ids=prompt_ids_B_P.to(self.device),
+            attention_mask=prompt_mask_B_P.long().to(self.device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]),
         )
-        completion_B_C = sequences[:, prompt_ids_B_P.shape[1]:].cpu()
+        completion_B_C = sequences[:, prompt_ids_B_P.shape[1] :].cpu()
         steps = completion_B_C.shape[1]
         recorded_B_C = torch.stack(recorder.tokens[:steps], dim=1).cpu()
         logprobs_B_C = torch.stack(recorder.logprobs[:steps], dim=1).cpu()
@@ -163,8 +173,14 @@ class Sampler:
         return completion_B_C, logprobs_B_C
 
 
-def assemble_rollouts(prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor,
-                      parts: list[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int, eos_ids: list[int]) -> RolloutBatch:
+def assemble_rollouts(
+    prompt_ids_B_P: torch.Tensor,
+    prompt_mask_B_P: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+) -> RolloutBatch:
     """The ``RolloutBatch`` of left-padded prompts and the generated blocks ``(completion_B_C,
     sampler_logprobs_B_C)``: completions right-padded, masked after EOS. A row that ends exactly at
     max_new_tokens with EOS is not truncated; shorter rows are not either."""

@@ -6,6 +6,7 @@ Clients (``HTTPTeacher``, or anything speaking vLLM's completions API) POST toke
 ``/v1/completions`` with ``echo=true, max_tokens=0`` and ``logprobs`` or ``prompt_logprobs``.
 Heavy imports happen in ``run`` so that ``opdplus --help`` stays fast without the serve extra.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,26 +18,38 @@ API_KEY_ENV = "OPDPLUS_TEACHER_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="the teacher: a local Hugging Face model directory or a gguf:<package>/<file.gguf> spec")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="the teacher: a local Hugging Face model directory or a gguf:<package>/<file.gguf> spec",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require `Authorization: Bearer KEY` on /v1 routes (default: ${API_KEY_ENV})")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` on /v1 routes (default: ${API_KEY_ENV})",
+    )
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model as given)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="longest prompt accepted (default: the model's max_position_embeddings, else 8192)")
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: the model's max_position_embeddings, else 8192)",
+    )
     limits.add_argument("--max-prompts-per-request", type=int, default=256)
     limits.add_argument("--max-request-mb", type=float, default=16.0, help="largest request body, in MiB")
     limits.add_argument("--max-top-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs k")
-    limits.add_argument("--max-batch-tokens", type=int, default=16384,
-                        help="padded tokens (rows x longest prompt) per forward pass")
+    limits.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="padded tokens (rows x longest prompt) per forward pass"
+    )
     limits.add_argument("--max-batch-rows", type=int, default=64)
-    limits.add_argument("--max-queued-tokens", type=int, default=2**20,
-                        help="backlog beyond which requests get 503 (clients retry)")
+    limits.add_argument(
+        "--max-queued-tokens", type=int, default=2**20, help="backlog beyond which requests get 503 (clients retry)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -60,11 +73,23 @@ def run(args: argparse.Namespace) -> int:
         max_top_logprobs=args.max_top_logprobs,
     )
     name = args.served_model_name or args.model
-    app = create_app(engine, model_name=name, api_key=args.api_key, limits=limits,
-                     max_batch_tokens=args.max_batch_tokens, max_batch_rows=args.max_batch_rows,
-                     max_queued_tokens=args.max_queued_tokens)
+    app = create_app(
+        engine,
+        model_name=name,
+        api_key=args.api_key,
+        limits=limits,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_rows=args.max_batch_rows,
+        max_queued_tokens=args.max_queued_tokens,
+    )
     logging.getLogger("opdplus.serve").info(
-        "serving %s (vocab %d, %s) on http://%s:%d, limits %s", name, engine.vocab_size, engine.device,
-        args.host, args.port, limits)
+        "serving %s (vocab %d, %s) on http://%s:%d, limits %s",
+        name,
+        engine.vocab_size,
+        engine.device,
+        args.host,
+        args.port,
+        limits,
+    )
     serve(app, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
     return 0

@@ -12,6 +12,7 @@ pending requests up to a padded-token budget, runs one forward pass in a worker 
 ``torch.no_grad`` and resolves each request's futures. A request whose client disconnects is
 dropped from the queue. ``serve`` runs the app with uvicorn.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,9 +23,10 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import torch
 from starlette.applications import Starlette
@@ -49,6 +51,7 @@ ScoreFn = Callable[[list[list[int]], int], list[PromptScores]]
 # --------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------
+
 
 def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and (if present) its tokenizer from a local HF directory or a ``gguf:`` spec.
@@ -88,7 +91,7 @@ class ScoringEngine:
         """One right-padded forward over ``prompts``; returns their scores in order."""
         ids_B_T, mask_B_T = self._pad(prompts)
         logits_B_T_V = self.model(input_ids=ids_B_T, attention_mask=mask_B_T.long(), use_cache=False).logits
-        return [self._row(logits_B_T_V[b, : len(p) - 1], ids_B_T[b, 1: len(p)], top_k) for b, p in enumerate(prompts)]
+        return [self._row(logits_B_T_V[b, : len(p) - 1], ids_B_T[b, 1 : len(p)], top_k) for b, p in enumerate(prompts)]
 
     def _pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -124,6 +127,7 @@ class ScoringEngine:
 # dynamic batching
 # --------------------------------------------------------------------------------------------
 
+
 class ServerBusy(Exception):
     """The queue is full or the worker is down; answered with 503 (clients retry)."""
 
@@ -154,8 +158,14 @@ class DynamicBatcher:
     cancelled are skipped. ``max_queued_tokens`` bounds the backlog (``ServerBusy`` beyond it).
     """
 
-    def __init__(self, score_fn: ScoreFn, *, max_batch_tokens: int = 16384, max_batch_rows: int = 64,
-                 max_queued_tokens: int = 2**20):
+    def __init__(
+        self,
+        score_fn: ScoreFn,
+        *,
+        max_batch_tokens: int = 16384,
+        max_batch_rows: int = 64,
+        max_queued_tokens: int = 2**20,
+    ):
         self._score_fn = score_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
@@ -191,7 +201,9 @@ class DynamicBatcher:
             raise ServerBusy("the scoring worker is not running")
         n_tokens = sum(len(p) for p in prompts)
         if self._queued_tokens + n_tokens > self.max_queued_tokens:
-            raise ServerBusy(f"{self._queued_tokens} tokens are queued already (limit {self.max_queued_tokens}); retry later")
+            raise ServerBusy(
+                f"{self._queued_tokens} tokens are queued already (limit {self.max_queued_tokens}); retry later"
+            )
         loop = asyncio.get_running_loop()
         jobs = [_Job(p, top_k, loop.create_future()) for p in prompts]
         self._pending.extend(jobs)
@@ -250,7 +262,9 @@ class DynamicBatcher:
         self.stats.forward_s += seconds
 
     @staticmethod
-    def _resolve(batch: list[_Job], *, results: list[PromptScores] | None = None, error: Exception | None = None) -> None:
+    def _resolve(
+        batch: list[_Job], *, results: list[PromptScores] | None = None, error: Exception | None = None
+    ) -> None:
         for i, job in enumerate(batch):
             if job.future.done():
                 continue
@@ -264,9 +278,11 @@ class DynamicBatcher:
 # HTTP layer
 # --------------------------------------------------------------------------------------------
 
+
 def _json(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload, allow_nan=False, separators=(",", ":")), status_code=status,
-                    media_type="application/json")
+    return Response(
+        json.dumps(payload, allow_nan=False, separators=(",", ":")), status_code=status, media_type="application/json"
+    )
 
 
 def _error(status: int, message: str) -> Response:
@@ -326,15 +342,27 @@ def _endpoint(handler: Handler, *, api_key: str | None) -> Handler:
             return _error(503, str(exc))
         except ClientDisconnect:
             return Response(status_code=499)  # nobody is listening
+
     return wrapped
 
 
-def create_app(engine: ScoringEngine, *, model_name: str, api_key: str | None = None,
-               limits: ServerLimits = ServerLimits(), max_batch_tokens: int = 16384, max_batch_rows: int = 64,
-               max_queued_tokens: int = 2**20) -> Starlette:
+def create_app(
+    engine: ScoringEngine,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits = ServerLimits(),
+    max_batch_tokens: int = 16384,
+    max_batch_rows: int = 64,
+    max_queued_tokens: int = 2**20,
+) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_name`` (see the module docstring)."""
-    batcher = DynamicBatcher(engine.score, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows,
-                             max_queued_tokens=max_queued_tokens)
+    batcher = DynamicBatcher(
+        engine.score,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_rows=max_batch_rows,
+        max_queued_tokens=max_queued_tokens,
+    )
 
     async def health(request: Request) -> Response:
         if not batcher.alive:
@@ -342,8 +370,13 @@ def create_app(engine: ScoringEngine, *, model_name: str, api_key: str | None = 
         return _json({"status": "ok"})
 
     async def models(request: Request) -> Response:
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "opdplus",
-                "max_model_len": limits.max_prompt_tokens}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "opdplus",
+            "max_model_len": limits.max_prompt_tokens,
+        }
         return _json({"object": "list", "data": [card]})
 
     async def stats(request: Request) -> Response:
@@ -351,13 +384,22 @@ def create_app(engine: ScoringEngine, *, model_name: str, api_key: str | None = 
 
     async def completions(request: Request) -> Response:
         body = await _read_json(request, limits.max_request_bytes)
-        score_request = parse_completion_request(body, limits=limits, vocab_size=engine.vocab_size,
-                                                 model_name=model_name)
-        answered, scores = await _unless_disconnected(request, batcher.score(score_request.prompts, score_request.top_k))
+        score_request = parse_completion_request(
+            body, limits=limits, vocab_size=engine.vocab_size, model_name=model_name
+        )
+        answered, scores = await _unless_disconnected(
+            request, batcher.score(score_request.prompts, score_request.top_k)
+        )
         if not answered:
             return Response(status_code=499)
-        payload = functools.partial(format_completion_response, score_request, scores, model_name=model_name,
-                                    decode=engine.decode, decode_text=engine.decode_text)
+        payload = functools.partial(
+            format_completion_response,
+            score_request,
+            scores,
+            model_name=model_name,
+            decode=engine.decode,
+            decode_text=engine.decode_text,
+        )
         return await asyncio.to_thread(lambda: _json(payload()))  # big top-k answers take a while to encode
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -385,12 +427,20 @@ def create_app(engine: ScoringEngine, *, model_name: str, api_key: str | None = 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(app: Starlette, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info", limit_concurrency: int = 1024) -> None:
+def serve(
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    log_level: str = "info",
+    limit_concurrency: int = 1024,
+) -> None:
     """Run ``app`` with uvicorn until interrupted."""
     import uvicorn
 
     if host not in LOOPBACK and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the teacher", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency, timeout_graceful_shutdown=5
+    )

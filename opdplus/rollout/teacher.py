@@ -1,8 +1,9 @@
 """``LocalTeacher``: a frozen HF causal LM in this process that scores rollouts token by token."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +21,9 @@ class LocalTeacher:
     ``hidden_states`` the decoder output plus LM head (the ``exact`` signal, chunked by the caller).
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_size: int = 16, chunk_size: int = 256, temperature: float = 1.0) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, batch_size: int = 16, chunk_size: int = 256, temperature: float = 1.0
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.forward = HiddenForward(self.model)
         self.batch_size = batch_size
@@ -39,8 +42,12 @@ class LocalTeacher:
         for start in range(0, batch.batch_size, self.batch_size):
             rows = batch.select(slice(start, start + self.batch_size)).to(self.device)
             logprobs_B_T = completion_logprobs(
-                self.forward, rows.input_ids_B_T, rows.attention_mask_B_T, batch.prompt_len,
-                chunk_size=self.chunk_size, temperature=self.temperature,
+                self.forward,
+                rows.input_ids_B_T,
+                rows.attention_mask_B_T,
+                batch.prompt_len,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
             )
             parts.append(logprobs_B_T.where(rows.loss_mask_B_T, 0.0).to(out_device))
         return torch.cat(parts)
@@ -77,10 +84,10 @@ class LocalTeacher:
             positions = positions_per_chunk(self.chunk_size, rows.batch_size)
             for col in range(start, hidden_B_T_H.shape[1], positions):
                 stop = min(col + positions, hidden_B_T_H.shape[1])
-                logprobs_B_C_V = torch.log_softmax(logits(hidden_B_T_H[:, col - 1:stop - 1]), dim=-1)
+                logprobs_B_C_V = torch.log_softmax(logits(hidden_B_T_H[:, col - 1 : stop - 1]), dim=-1)
                 top = logprobs_B_C_V.topk(k, dim=-1)
-                ids_B_T_K[first:first + rows.batch_size, col:stop] = top.indices.cpu()
-                logprobs_B_T_K[first:first + rows.batch_size, col:stop] = top.values.cpu()
+                ids_B_T_K[first : first + rows.batch_size, col:stop] = top.indices.cpu()
+                logprobs_B_T_K[first : first + rows.batch_size, col:stop] = top.values.cpu()
         keep_B_T_1 = batch.loss_mask_B_T.cpu()[..., None]
         ids_B_T_K = torch.where(keep_B_T_1, ids_B_T_K, torch.arange(k).expand(shape))
         logprobs_B_T_K = torch.where(keep_B_T_1, logprobs_B_T_K, torch.full(shape, -math.log(k)))

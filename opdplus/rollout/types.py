@@ -13,6 +13,7 @@ Layout (every per-token tensor is aligned with ``input_ids_B_T``):
 Position ids for a row are ``attention_mask.cumsum(-1) - 1`` (clamped at 0), so the padding side
 never changes a score. The batch is self-contained: the loss needs nothing outside it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -21,8 +22,15 @@ from typing import Protocol, runtime_checkable
 import torch
 
 # The tensor fields of a RolloutBatch: aligned with input_ids_B_T column by column, and all of them (per row).
-_PER_TOKEN = ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T",
-              "teacher_topk_ids_B_T_K", "teacher_topk_logprobs_B_T_K")
+_PER_TOKEN = (
+    "input_ids_B_T",
+    "attention_mask_B_T",
+    "loss_mask_B_T",
+    "sampler_logprobs_B_T",
+    "teacher_logprobs_B_T",
+    "teacher_topk_ids_B_T_K",
+    "teacher_topk_logprobs_B_T_K",
+)
 _TENSORS = (*_PER_TOKEN, "truncated_B")
 
 
@@ -64,7 +72,7 @@ class RolloutBatch:
     def position_ids_B_T(self) -> torch.Tensor:
         return (self.attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
 
-    def columns(self, width: int) -> "RolloutBatch":
+    def columns(self, width: int) -> RolloutBatch:
         """The first ``width`` columns of every per-token tensor (drops trailing padding columns)."""
         cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
         return replace(self, **{name: cut(getattr(self, name)) for name in _PER_TOKEN})
@@ -72,11 +80,11 @@ class RolloutBatch:
     def completion_lengths_B(self) -> torch.Tensor:
         return self.loss_mask_B_T.sum(-1)
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
+    def to(self, device: torch.device | str) -> RolloutBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, **{name: move(getattr(self, name)) for name in _TENSORS})
 
-    def select(self, rows: slice | torch.Tensor | list[int]) -> "RolloutBatch":
+    def select(self, rows: slice | torch.Tensor | list[int]) -> RolloutBatch:
         """A sub-batch of rows (for micro-batching); keeps the column layout."""
         idx = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731

@@ -11,6 +11,7 @@ The extracted string is then compared to the reference with ``math_verify.verify
 numeric equality: ``18`` = ``18.00`` = ``$18``, ``1/2`` = ``0.5``). Nothing here raises on bad
 model output: no answer means wrong.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,10 +4,12 @@ A task yields ``TaskItem``s (prompt plus whatever its scorer needs) for a split 
 completion string with a number in [0, 1]. Scorers never raise on malformed model output: they
 score it 0. Tasks are registered by name; ``get_task(name, **options)`` builds one.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,12 @@ def _load_builtin_tasks() -> None:
 
 
 # Modules that register tasks when imported; each task module appends itself here.
-_BUILTIN_TASK_MODULES: list[str] = ["opdplus.tasks.trivial", "opdplus.tasks.synthetic", "opdplus.tasks.math", "opdplus.tasks.bfcl"]
+_BUILTIN_TASK_MODULES: list[str] = [
+    "opdplus.tasks.trivial",
+    "opdplus.tasks.synthetic",
+    "opdplus.tasks.math",
+    "opdplus.tasks.bfcl",
+]
 
 
 def render_prompt(tokenizer: Any, item: TaskItem) -> str:

@@ -20,6 +20,7 @@ Prompt (``tool_prompt`` option):
 ``prompt_format="plain"`` (base models without a chat template) gives one text:
 ``"{instructions + functions}\\n\\nQuestion: {user turn}\\nAnswer:"``, generation cut at ``"\\nQuestion:"``.
 """
+
 from __future__ import annotations
 
 import json

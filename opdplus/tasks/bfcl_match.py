@@ -26,6 +26,7 @@ Matching a parsed output against BFCL's ``possible_answer`` (for Python categori
   strings normalised; dicts key by key against each acceptable dict (absent keys must be optional);
   lists of dicts element by element.
 """
+
 from __future__ import annotations
 
 import ast
@@ -127,7 +128,7 @@ def _json_call(obj: Any) -> Call | None:
                 return None
         return {name: args} if isinstance(args, dict) else None
     if len(obj) == 1:  # {"f": {...}}
-        (fname, args), = obj.items()
+        ((fname, args),) = obj.items()
         return {fname: args} if isinstance(args, dict) else None
     return None
 
@@ -245,7 +246,8 @@ def check_value(value: Any, schema: dict[str, Any], candidates: list[Any], is_va
         item_type = TYPE_MAP.get(schema.get("items", {}).get("type", "any"), str)
         if expected is list and item_type is dict:
             return any(
-                isinstance(c, list) and len(c) == len(value)
+                isinstance(c, list)
+                and len(c) == len(value)
                 and all(isinstance(v, dict) and isinstance(a, dict) and _dict_matches(v, a) for v, a in zip(value, c))
                 for c in candidates
             )
@@ -260,10 +262,10 @@ def check_value(value: Any, schema: dict[str, Any], candidates: list[Any], is_va
 def match_call(function: dict[str, Any], call: Call, answer: Call) -> tuple[bool, str]:
     """Match one parsed call against one possible answer ``{name: {param: [acceptable values]}}``
     using the function's schema. Returns (ok, reason)."""
-    (expected_name, acceptable), = answer.items()
+    ((expected_name, acceptable),) = answer.items()
     if len(call) != 1:
         return False, "malformed call"
-    (name, params), = call.items()
+    ((name, params),) = call.items()
     if name != expected_name:
         return False, f"wrong function {name!r}, expected {expected_name!r}"
     if not isinstance(params, dict):

@@ -5,13 +5,15 @@ items, its benchmark id for BFCL) is an evaluation item iff
 ``int(sha256(k)[:8], 16) % 100 < eval_percent``. The rule depends on nothing but the key, so a
 training run never sees an evaluation item, whatever its seed, size or order.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SPLITS = ("train", "eval")
 

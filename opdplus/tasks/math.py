@@ -17,6 +17,7 @@ Prompt formats (task option ``prompt_format``):
 * ``plain``, for base models without a chat template: ``"Question: {question}\\nAnswer:"``.
   Generation is cut at the first ``"\\nQuestion:"`` (``meta["stop"]``) before scoring.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -107,14 +108,17 @@ class ReasoningGymMath(_MathScoring):
         sources = []
         for k, name in enumerate(self.datasets):
             rg_seed = random.Random(f"opdplus-math-{seed}-{k}-{name}").randrange(2**31)
-            sources.append((name, reasoning_gym.create_dataset(
-                name, size=10**7, seed=rg_seed, **self.dataset_options.get(name, {})
-            )))
+            sources.append(
+                (
+                    name,
+                    reasoning_gym.create_dataset(name, size=10**7, seed=rg_seed, **self.dataset_options.get(name, {})),
+                )
+            )
         out: list[TaskItem] = []
         seen: set[str] = set()
         cursor = [0] * len(sources)
         max_tries = 200 * n + 1000
-        for step in range(max_tries):
+        for _ in range(max_tries):
             if len(out) >= n:
                 break
             k = len(out) % len(sources)

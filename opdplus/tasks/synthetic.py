@@ -20,6 +20,7 @@ scorers that never raise on malformed output.
 Splits are disjoint by construction: a problem belongs to "eval" when a stable hash of its prompt
 falls in the eval bucket, otherwise to "train"; each split's stream rejects the other's problems.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,9 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from opdplus.tasks.base import TaskItem, register_task
 
@@ -62,8 +64,15 @@ def _stream(split: str, seed: int, name: str, make: Callable[[random.Random], Ta
 def _take(stream: Iterator[TaskItem], n: int, split: str, seed: int) -> list[TaskItem]:
     items = []
     for i, item in zip(range(n), stream):
-        items.append(TaskItem(id=f"{item.task}-{split}-{seed}-{i}", task=item.task, prompt=item.prompt,
-                              answer=item.answer, meta=item.meta))
+        items.append(
+            TaskItem(
+                id=f"{item.task}-{split}-{seed}-{i}",
+                task=item.task,
+                prompt=item.prompt,
+                answer=item.answer,
+                meta=item.meta,
+            )
+        )
     return items
 
 
@@ -155,8 +164,10 @@ class Tool:
 
     def schema(self) -> dict[str, Any]:
         """The tool as a plain dict (also what a scorer needs)."""
-        return {"name": self.name,
-                "params": [{"name": p.name, "type": p.type, "required": p.required} for p in self.params]}
+        return {
+            "name": self.name,
+            "params": [{"name": p.name, "type": p.type, "required": p.required} for p in self.params],
+        }
 
 
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo")
@@ -237,10 +248,15 @@ def make_tool_problem(rng: random.Random) -> TaskItem:
     offered = [target, *distractors]
     rng.shuffle(offered)
     tools = [TOOLS[name] for name in offered]
-    prompt = ("Tools: " + "; ".join(tool.signature() for tool in tools) + f"\nUser: {request}" + TOOL_PROMPT_SUFFIX)
+    prompt = "Tools: " + "; ".join(tool.signature() for tool in tools) + f"\nUser: {request}" + TOOL_PROMPT_SUFFIX
     answer = {"name": target, "arguments": arguments}
-    return TaskItem(id="", task="tool_use", prompt=prompt, answer=answer,
-                    meta={"tools": [tool.schema() for tool in tools], "solution": " " + format_call(target, arguments)})
+    return TaskItem(
+        id="",
+        task="tool_use",
+        prompt=prompt,
+        answer=answer,
+        meta={"tools": [tool.schema() for tool in tools], "solution": " " + format_call(target, arguments)},
+    )
 
 
 def _type_ok(value: Any, type_name: str) -> bool:

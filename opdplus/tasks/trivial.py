@@ -1,5 +1,6 @@
 """A trivial task for tests: continue a fixed prompt; scored by whether the completion contains a
 target substring."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """Training: config, the loop, checkpoints, metrics. ``train(cfg)`` runs a whole distillation."""
+
 from opdplus.train.config import ConfigError, TrainConfig, load_config, with_overrides
 from opdplus.train.loop import RunDirError, TrainResult, train
 

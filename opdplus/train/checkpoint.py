@@ -12,14 +12,16 @@ into place, so a crash leaves either a complete checkpoint or a ``.tmp-*`` direc
 ``verify_checkpoint`` rejects a directory whose manifest is missing or whose files do not match it,
 naming the checkpoint and the file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -112,8 +114,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -133,7 +135,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: file {rel} is missing")
         if file.stat().st_size != expected["bytes"]:
             raise CorruptCheckpointError(
-                f"checkpoint {path} is corrupt: file {rel} has {file.stat().st_size} bytes, manifest says {expected['bytes']}"
+                f"checkpoint {path} is corrupt: file {rel} has {file.stat().st_size} bytes, "
+                f"manifest says {expected['bytes']}"
             )
         if _sha256(file) != expected["sha256"]:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: file {rel} does not match its sha256 checksum")
@@ -149,7 +152,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     try:
         verify_checkpoint(newest)
     except CorruptCheckpointError as err:
-        older = f"; the previous one is {checkpoints[-2]}, remove the damaged one to resume from it" if len(checkpoints) > 1 else ""
+        older = (
+            f"; the previous one is {checkpoints[-2]}, remove the damaged one to resume from it"
+            if len(checkpoints) > 1
+            else ""
+        )
         raise CorruptCheckpointError(f"{err}{older}") from None
     return newest
 

@@ -1,4 +1,5 @@
 """``opdplus train``: distil a teacher into a student from a YAML config (see configs/)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,18 +9,36 @@ import sys
 from pathlib import Path
 
 # Keys that may change when resuming (anything else would make the resumed run differ from the original).
-RESUME_OVERRIDABLE = ("run.steps", "run.progress", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
-                      "run.tensorboard", "run.wandb", "run.threads", "eval.")
+RESUME_OVERRIDABLE = (
+    "run.steps",
+    "run.progress",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.tensorboard",
+    "run.wandb",
+    "run.threads",
+    "eval.",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML preset, e.g. configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. loss.divergence=alpha loss.alpha=0.5 run.dir=runs/a")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. loss.divergence=alpha loss.alpha=0.5 run.dir=runs/a",
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
-                        help="data-parallel training on N processes (runs torchrun; train.parallelism=ddp|fsdp)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel training on N processes (runs torchrun; train.parallelism=ddp|fsdp)",
+    )
     parser.epilog = (
         "examples:\n  opdplus train                      (no config: the demo on the embedded synthetic world)\n"
         "  opdplus train --config configs/tiny.yaml\n"
@@ -39,7 +58,9 @@ def _load(args: argparse.Namespace):
             raise ConfigError("--resume takes the config saved in the run directory; do not also pass --config")
         bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
         if bad:
-            raise ConfigError(f"cannot change {bad[0].split('=', 1)[0]} when resuming; allowed: {', '.join(RESUME_OVERRIDABLE)}")
+            raise ConfigError(
+                f"cannot change {bad[0].split('=', 1)[0]} when resuming; allowed: {', '.join(RESUME_OVERRIDABLE)}"
+            )
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"cannot resume {args.resume}: no config.yaml there (is it a run directory?)")
@@ -63,9 +84,13 @@ def launch_processes(args: argparse.Namespace) -> int:
 
     from opdplus.train.distributed import torchrun_command
 
-    argv = ["train", *(["--config", args.config] if args.config else []),
-            *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
-            *args.overrides]
+    argv = [
+        "train",
+        *(["--config", args.config] if args.config else []),
+        *(["--resume", args.resume] if args.resume else []),
+        *(["--overwrite"] if args.overwrite else []),
+        *args.overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(torchrun_command(args.nproc, argv), env=env).returncode
 
@@ -79,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.config and not args.resume:
         if not args.overrides:  # plain `opdplus train`: the embedded default, i.e. the demo
             return run_demo()
-        print("error: opdplus train needs --config FILE (try: opdplus train --config configs/tiny.yaml) "
-              "or --resume RUN_DIR when given overrides", file=sys.stderr)
+        print(
+            "error: opdplus train needs --config FILE (try: opdplus train --config configs/tiny.yaml) "
+            "or --resume RUN_DIR when given overrides",
+            file=sys.stderr,
+        )
         return 2
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CorruptCheckpointError
@@ -96,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
     except Exception as err:
         if type(err).__name__ != "TeacherUnavailableError":
             raise
-        print(f"error: {err}\nThe last checkpoint is intact: once the teacher is back, continue with "
-              f"opdplus train --resume {cfg.run.dir}", file=sys.stderr)
+        print(
+            f"error: {err}\nThe last checkpoint is intact: once the teacher is back, continue with "
+            f"opdplus train --resume {cfg.run.dir}",
+            file=sys.stderr,
+        )
         return 3
     if os.environ.get("RANK", "0") != "0":
         return 0

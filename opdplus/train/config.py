@@ -7,6 +7,7 @@ valid keys of their section; values are type-checked (an int is accepted where a
 ``validate`` checks values and combinations; ``to_yaml`` writes the resolved config (``run_dir/config.yaml``),
 and ``from_dict(to_dict(cfg)) == cfg``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TinyModelConfig:
     """Shape of a tiny random Llama model (``model: tiny``), built locally with the character tokenizer."""
+
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -75,6 +77,7 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class TeacherRoute:
     """One teacher of several: scores the rollouts whose task tag (TaskItem.task) is ``task``."""
+
     task: str = ""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -182,6 +185,7 @@ PARALLELISMS = ("ddp", "fsdp")
 
 # ---------------------------------------------------------------- dict <-> dataclass
 
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -204,7 +208,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}"
+            )
         return from_dict(tp, value, prefix=f"{key}.")
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -238,9 +244,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
     unknown = [k for k in data if k not in names]
     if unknown:
         section = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys at {section}: {', '.join(names)}"
-        )
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys at {section}: {', '.join(names)}")
     base = cls() if base is None else base
     values = {}
     for key, value in data.items():
@@ -260,6 +264,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 
 # ---------------------------------------------------------------- overrides and loading
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"loss.alpha=0.5"`` -> (["loss", "alpha"], 0.5); the value is parsed as YAML (``null``, lists...)."""
@@ -319,6 +324,7 @@ def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 # ---------------------------------------------------------------- validation
 
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -336,8 +342,10 @@ def divergence_kwargs(loss: LossConfig) -> dict[str, Any]:
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model; raises ConfigError."""
     run, loss, optim, rollout = cfg.run, cfg.loss, cfg.optim, cfg.rollout
-    _check(run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
-           f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}")
+    _check(
+        run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
+        f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}",
+    )
     _check(bool(run.dir), "run.dir must be a directory path")
     _check(run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = only at the end)")
     _check(run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0 (0 = keep all)")
@@ -345,8 +353,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(run.threads >= 0, "run.threads must be >= 0 (0 = torch's default)")
     _one_of(run.progress, PROGRESS, "run.progress")
     for key, device in (("run.device", run.device), ("teacher.device", cfg.teacher.device)):
-        _check(device is None or device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
-               f"{key}={device!r} is not auto, cpu, cuda, cuda:N, mps or xpu")
+        _check(
+            device is None or device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+            f"{key}={device!r} is not auto, cpu, cuda, cuda:N, mps or xpu",
+        )
     for side in ("student", "teacher"):
         _one_of(getattr(cfg, side).dtype, DTYPES, f"{side}.dtype")
         _check(bool(getattr(cfg, side).model), f"{side}.model must name a local model directory or 'tiny'")
@@ -360,11 +370,15 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(loss.teacher_signal, TEACHER_SIGNALS, "loss.teacher_signal")
     _check(loss.topk >= 1, f"loss.topk must be >= 1, got {loss.topk}")
     _one_of(cfg.train.parallelism, PARALLELISMS, "train.parallelism")
-    _check(not (cfg.train.parallelism == "fsdp" and cfg.student.lora.enabled),
-           "train.parallelism=fsdp does not support student.lora.enabled=true; use train.parallelism=ddp with LoRA")
+    _check(
+        not (cfg.train.parallelism == "fsdp" and cfg.student.lora.enabled),
+        "train.parallelism=fsdp does not support student.lora.enabled=true; use train.parallelism=ddp with LoRA",
+    )
     _check(len(cfg.data.tasks) >= 1, "data.tasks must name at least one task")
-    _check(cfg.data.prompts_per_step >= len(cfg.data.tasks),
-           f"data.prompts_per_step ({cfg.data.prompts_per_step}) must be >= the number of tasks ({len(cfg.data.tasks)})")
+    _check(
+        cfg.data.prompts_per_step >= len(cfg.data.tasks),
+        f"data.prompts_per_step ({cfg.data.prompts_per_step}) must be >= the number of tasks ({len(cfg.data.tasks)})",
+    )
     unknown_options = sorted(set(cfg.data.task_options) - set(cfg.data.tasks))
     _check(not unknown_options, f"data.task_options names tasks not in data.tasks: {', '.join(unknown_options)}")
     _check(rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
@@ -377,12 +391,16 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(loss.estimator, ESTIMATORS, "loss.estimator")
     _check(0.0 <= loss.gamma <= 1.0, f"loss.gamma must be in [0, 1], got {loss.gamma}")
     _check(loss.log_ratio_clip is None or loss.log_ratio_clip > 0, "loss.log_ratio_clip must be > 0 or null")
-    _check(loss.clip_eps is None or 0 < loss.clip_eps < 1, f"loss.clip_eps must be in (0, 1) or null, got {loss.clip_eps}")
+    _check(
+        loss.clip_eps is None or 0 < loss.clip_eps < 1, f"loss.clip_eps must be in (0, 1) or null, got {loss.clip_eps}"
+    )
     _check(loss.ppo_epochs >= 1, "loss.ppo_epochs must be >= 1")
     _check(loss.micro_batch_size >= 1, "loss.micro_batch_size must be >= 1")
     _check(loss.logprob_chunk_size >= 1, "loss.logprob_chunk_size must be >= 1")
-    _check(loss.alpha is None or loss.divergence == "alpha",
-           f"loss.alpha is only used by loss.divergence=alpha (got divergence {loss.divergence!r})")
+    _check(
+        loss.alpha is None or loss.divergence == "alpha",
+        f"loss.alpha is only used by loss.divergence=alpha (got divergence {loss.divergence!r})",
+    )
     _validate_divergence(loss)
     _check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)")
@@ -395,8 +413,10 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(cfg.eval.score_decoding, ("sample", "greedy"), "eval.score_decoding")
     _check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 or null")
     if run.tensorboard:
-        _check(_installed("torch.utils.tensorboard") and _installed("tensorboard"),
-               "run.tensorboard=true needs tensorboard: pip install 'opdplus[log]'")
+        _check(
+            _installed("torch.utils.tensorboard") and _installed("tensorboard"),
+            "run.tensorboard=true needs tensorboard: pip install 'opdplus[log]'",
+        )
     if run.wandb:
         _check(_installed("wandb"), "run.wandb=true needs wandb: pip install wandb")
 
@@ -407,26 +427,40 @@ def _validate_teachers(cfg: TrainConfig) -> None:
     routes = [(f"teachers[{i}].teacher", r.teacher) for i, r in enumerate(cfg.teachers)] or [("teacher", cfg.teacher)]
     for key, t in routes:
         if t.url is not None:
-            _check(t.url.startswith(("http://", "https://")), f"{key}.url must start with http:// or https://, got {t.url!r}")
-            _check(t.timeout_s > 0 and t.max_retries >= 0 and t.max_concurrency >= 1 and t.rows_per_request >= 1,
-                   f"{key}: timeout_s > 0, max_retries >= 0, max_concurrency >= 1 and rows_per_request >= 1 required")
-        _check(not (cfg.loss.teacher_signal == "exact" and t.url is not None),
-               f"loss.teacher_signal=exact needs the teacher's full logits, so a local teacher ({key}.url is set); "
-               "use loss.teacher_signal=topk with a served teacher")
-    _check(not (cfg.eval.forward_kl and any(t.url is not None for _, t in routes)),
-           "eval.forward_kl=true samples from the teacher, so it needs local teacher models (a teacher has a url)")
+            _check(
+                t.url.startswith(("http://", "https://")),
+                f"{key}.url must start with http:// or https://, got {t.url!r}",
+            )
+            _check(
+                t.timeout_s > 0 and t.max_retries >= 0 and t.max_concurrency >= 1 and t.rows_per_request >= 1,
+                f"{key}: timeout_s > 0, max_retries >= 0, max_concurrency >= 1 and rows_per_request >= 1 required",
+            )
+        _check(
+            not (cfg.loss.teacher_signal == "exact" and t.url is not None),
+            f"loss.teacher_signal=exact needs the teacher's full logits, so a local teacher ({key}.url is set); "
+            "use loss.teacher_signal=topk with a served teacher",
+        )
+    _check(
+        not (cfg.eval.forward_kl and any(t.url is not None for _, t in routes)),
+        "eval.forward_kl=true samples from the teacher, so it needs local teacher models (a teacher has a url)",
+    )
     tags = [r.task for r in cfg.teachers]
     _check(all(tags), "every entry of teachers needs a task tag: teachers: [{task: math, teacher: {...}}, ...]")
     _check(len(set(tags)) == len(tags), f"teachers: task tags must be distinct, got {tags}")
-    _check(not (cfg.teachers and cfg.loss.teacher_signal == "exact"),
-           "loss.teacher_signal=exact works with one local teacher, not with a teachers: list")
+    _check(
+        not (cfg.teachers and cfg.loss.teacher_signal == "exact"),
+        "loss.teacher_signal=exact works with one local teacher, not with a teachers: list",
+    )
 
 
 def _validate_divergence(loss: LossConfig) -> None:
     from opdplus.ops.divergences import divergence_names, get_divergence
 
     names = divergence_names()
-    _check(loss.divergence in names, f"loss.divergence={loss.divergence!r} is unknown; valid divergences: {', '.join(names)}")
+    _check(
+        loss.divergence in names,
+        f"loss.divergence={loss.divergence!r} is unknown; valid divergences: {', '.join(names)}",
+    )
     if loss.divergence == "alpha":
         _check(loss.alpha is not None, "loss.divergence=alpha needs loss.alpha (any real number except 0 and 1)")
     try:

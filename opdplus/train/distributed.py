@@ -7,14 +7,16 @@ tokens summed over all ranks, and rank 0 writes metrics and checkpoints. nccl on
 DDP and FSDP2 average gradients over ranks; the loss is multiplied by the world size so that the
 update is the single-process update on the global batch.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,7 +85,7 @@ def shard_for_rank(items: list, ctx: DistContext) -> list:
     if len(items) % ctx.world_size:
         raise ValueError(f"{len(items)} items cannot be split evenly over {ctx.world_size} processes")
     share = len(items) // ctx.world_size
-    return items[ctx.rank * share:(ctx.rank + 1) * share]
+    return items[ctx.rank * share : (ctx.rank + 1) * share]
 
 
 def all_reduce_sum(value: float, ctx: DistContext) -> float:
@@ -112,8 +114,8 @@ def reduce_metrics(metrics: dict[str, float], ctx: DistContext, weight: float = 
 def combine_metrics(gathered: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
     """Combine (weight, metrics) of each rank: sums for throughput and counts, max / min for extremes and
     times, a pooled std for ``*_std``, the plain mean for per-sequence ``rollout/`` statistics, and for
-    everything else the mean weighted by ``weight`` (the rank's loss tokens). A key only some ranks report (a task tag one rank did not sample) combines
-    over those ranks."""
+    everything else the mean weighted by ``weight`` (the rank's loss tokens). A key only some ranks report
+    (a task tag one rank did not sample) combines over those ranks."""
     combined = {}
     for key in dict.fromkeys(k for _, m in gathered for k in m):
         pairs = [(w, m[key]) for w, m in gathered if key in m]
@@ -195,15 +197,19 @@ def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opt
     """Optimizer state keyed by parameter name, unsharded: loadable with any number of processes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(local_module(model), optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        local_module(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
-def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_full_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(local_module(model), optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        local_module(model), optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def total_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -221,8 +227,16 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "opdplus", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "opdplus",
+        *argv,
+    ]
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

@@ -3,6 +3,7 @@
 Sampling uses its own generator, seeded from ``seed``, so evaluating never changes the training run's
 random stream (and a resumed run evaluates exactly like an uninterrupted one).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,9 +21,11 @@ from opdplus.train.metrics import masked_mean
 
 def completion_texts(tokenizer: Any, batch: RolloutBatch) -> list[str]:
     """Decoded completions (special tokens such as EOS dropped)."""
-    completion_B_C = batch.input_ids_B_T[:, batch.prompt_len:]
-    mask_B_C = batch.loss_mask_B_T[:, batch.prompt_len:]
-    return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(completion_B_C, mask_B_C)]
+    completion_B_C = batch.input_ids_B_T[:, batch.prompt_len :]
+    mask_B_C = batch.loss_mask_B_T[:, batch.prompt_len :]
+    return [
+        tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(completion_B_C, mask_B_C)
+    ]
 
 
 def sequence_reverse_kl(batch: RolloutBatch) -> torch.Tensor:
@@ -81,8 +84,9 @@ def evaluate(
         **task_scores(tasks, items_by_task, texts),
     }
     if forward_kl:
-        metrics["eval/forward_kl"] = forward_kl_on_teacher_samples(model, tokenizer, teacher, items_by_task,
-                                                                   settings, seed=seed, sampler_cls=sampler_cls)
+        metrics["eval/forward_kl"] = forward_kl_on_teacher_samples(
+            model, tokenizer, teacher, items_by_task, settings, seed=seed, sampler_cls=sampler_cls
+        )
     return metrics
 
 
@@ -98,9 +102,16 @@ def local_teacher_model(teacher: Teacher, task: str) -> tuple[torch.nn.Module, f
 
 
 @torch.no_grad()
-def forward_kl_on_teacher_samples(model: torch.nn.Module, tokenizer: Any, teacher: Teacher,
-                                  items_by_task: dict[str, list[TaskItem]], settings: SamplingSettings, *, seed: int,
-                                  sampler_cls: type = Sampler) -> float:
+def forward_kl_on_teacher_samples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    teacher: Teacher,
+    items_by_task: dict[str, list[TaskItem]],
+    settings: SamplingSettings,
+    *,
+    seed: int,
+    sampler_cls: type = Sampler,
+) -> float:
     """Forward KL(q || pi) per token, estimated on teacher samples of the held-out prompts:
     mean over their tokens of log q - log pi. The mass-covering direction that reverse KL on student samples
     cannot see: a student that collapses onto outputs the teacher tolerates has a small reverse KL and a
@@ -112,9 +123,12 @@ def forward_kl_on_teacher_samples(model: torch.nn.Module, tokenizer: Any, teache
         generator = torch.Generator(device=next(teacher_model.parameters()).device).manual_seed(seed)
         with warnings.catch_warnings():  # a tempered teacher: sampling from q as scored is intended here
             warnings.simplefilter("ignore")
-            samples = sampler_cls(teacher_model, tokenizer, replace(settings, temperature=temperature), generator).sample(task_items)
-        student_lp_B_T = completion_logprobs(model, samples.input_ids_B_T.to(device), samples.attention_mask_B_T.to(device),
-                                             samples.prompt_len).cpu()
+            samples = sampler_cls(
+                teacher_model, tokenizer, replace(settings, temperature=temperature), generator
+            ).sample(task_items)
+        student_lp_B_T = completion_logprobs(
+            model, samples.input_ids_B_T.to(device), samples.attention_mask_B_T.to(device), samples.prompt_len
+        ).cpu()
         mask_B_T = samples.loss_mask_B_T
         total += float(torch.where(mask_B_T, samples.sampler_logprobs_B_T - student_lp_B_T, 0.0).double().sum())
         tokens += int(mask_B_T.sum())

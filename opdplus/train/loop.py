@@ -1,6 +1,7 @@
 """The training loop, top to bottom: sample -> score -> advantages -> loss -> optimizer step -> log ->
 eval -> checkpoint. ``train(cfg)`` is the whole of it; the helpers above it are small and testable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,13 @@ import numpy as np
 import torch
 
 from opdplus.models.forward import HiddenForward, completion_logprobs, hidden_forward_of, softcapped
-from opdplus.models.load import apply_lora, check_same_vocabulary, load_lora_weights, load_model_and_tokenizer, resolve_device
+from opdplus.models.load import (
+    apply_lora,
+    check_same_vocabulary,
+    load_lora_weights,
+    load_model_and_tokenizer,
+    resolve_device,
+)
 from opdplus.ops.advantages import advantages as compute_advantages
 from opdplus.ops.advantages import log_ratio_clip_fraction, masked_log_ratio
 from opdplus.ops.chunked import chunked_exact_divergence, chunked_topk_divergence
@@ -30,7 +37,15 @@ from opdplus.rollout.types import RolloutBatch, Teacher
 from opdplus.tasks.base import Task, TaskItem, get_task
 from opdplus.train import checkpoint as ckpt
 from opdplus.train import distributed as dist_utils
-from opdplus.train.config import ConfigError, LossConfig, TeacherConfig, TrainConfig, divergence_kwargs, to_dict, to_yaml
+from opdplus.train.config import (
+    ConfigError,
+    LossConfig,
+    TeacherConfig,
+    TrainConfig,
+    divergence_kwargs,
+    to_dict,
+    to_yaml,
+)
 from opdplus.train.distributed import DistContext
 from opdplus.train.evaluate import evaluate
 from opdplus.train.metrics import (
@@ -59,6 +74,7 @@ class TrainResult:
 
 # ---------------------------------------------------------------- building blocks
 
+
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The student model (LoRA-wrapped when enabled) and its tokenizer."""
     s = cfg.student
@@ -68,35 +84,52 @@ def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Modu
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if s.lora.enabled:
-        model = apply_lora(model, r=s.lora.r, alpha=s.lora.alpha, dropout=s.lora.dropout,
-                           target_modules=s.lora.target_modules)
+        model = apply_lora(
+            model, r=s.lora.r, alpha=s.lora.alpha, dropout=s.lora.dropout, target_modules=s.lora.target_modules
+        )
     return model, tokenizer
 
 
-def build_teacher(cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module, device: torch.device) -> Teacher:
+def build_teacher(
+    cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module, device: torch.device
+) -> Teacher:
     """The teacher that scores rollouts: ``teacher`` (a local HF model, or a served one when
     ``teacher.url`` is set), or with a ``teachers:`` list one teacher per task tag, routed by row."""
     if not cfg.teachers:
         return build_one_teacher(cfg.teacher, cfg, student_tokenizer, student_model, device)
     from opdplus.rollout.routing import RoutedTeacher
 
-    return RoutedTeacher({route.task: build_one_teacher(route.teacher, cfg, student_tokenizer, student_model, device)
-                          for route in cfg.teachers})
+    return RoutedTeacher(
+        {
+            route.task: build_one_teacher(route.teacher, cfg, student_tokenizer, student_model, device)
+            for route in cfg.teachers
+        }
+    )
 
 
-def build_one_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module,
-                      device: torch.device) -> Teacher:
+def build_one_teacher(
+    t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module, device: torch.device
+) -> Teacher:
     """A ``LocalTeacher`` (vocabulary checked against the student) or an ``HTTPTeacher`` for ``t.url``."""
     if t.url is not None:
         import os
 
         from opdplus.rollout.http_teacher import HTTPTeacher
 
-        return HTTPTeacher(t.url, api_key=os.environ.get(t.api_key_env), model=t.model_name, timeout_s=t.timeout_s,
-                           max_retries=t.max_retries, max_concurrency=t.max_concurrency,
-                           rows_per_request=t.rows_per_request)
+        return HTTPTeacher(
+            t.url,
+            api_key=os.environ.get(t.api_key_env),
+            model=t.model_name,
+            timeout_s=t.timeout_s,
+            max_retries=t.max_retries,
+            max_concurrency=t.max_concurrency,
+            rows_per_request=t.rows_per_request,
+        )
     model, tokenizer = load_model_and_tokenizer(
-        t.model, tokenizer=t.tokenizer, dtype=t.dtype, device=resolve_device(t.device) if t.device else device,
+        t.model,
+        tokenizer=t.tokenizer,
+        dtype=t.dtype,
+        device=resolve_device(t.device) if t.device else device,
         tiny=dataclasses.asdict(t.tiny),
     )
     try:
@@ -119,8 +152,10 @@ def build_tasks(cfg: TrainConfig, tokenizer: Any) -> dict[str, Task]:
         except ValueError as err:
             raise ConfigError(f"data.tasks: task {name!r}: {err}") from None
         if routed and item.task not in routed:
-            raise ConfigError(f"data.tasks: task {name!r} makes rollouts tagged {item.task!r}, but teachers: has "
-                              f"entries only for {sorted(routed)}; add {{task: {item.task}, teacher: ...}}")
+            raise ConfigError(
+                f"data.tasks: task {name!r} makes rollouts tagged {item.task!r}, but teachers: has "
+                f"entries only for {sorted(routed)}; add {{task: {item.task}, teacher: ...}}"
+            )
     return tasks
 
 
@@ -130,8 +165,14 @@ def build_divergence(loss: LossConfig) -> Divergence:
 
 def sampling_settings(cfg: TrainConfig) -> SamplingSettings:
     r = cfg.rollout
-    return SamplingSettings(max_new_tokens=r.max_new_tokens, samples_per_prompt=r.samples_per_prompt,
-                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+    return SamplingSettings(
+        max_new_tokens=r.max_new_tokens,
+        samples_per_prompt=r.samples_per_prompt,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        batch_size=r.batch_size,
+    )
 
 
 def sampler_class(name: str) -> type:
@@ -154,16 +195,23 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, 
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (3-11x faster steps on CPU, bench/flops.py); not for FSDP's DTensors
     fused = not dist_utils.is_fsdp(model) and all(p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  fused=fused)
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+    )
     total = cfg.run.steps * cfg.loss.ppo_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup_steps=o.warmup_steps, total_steps=total, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s, warmup_steps=o.warmup_steps, total_steps=total, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio
+        ),
+    )
     return optimizer, scheduler
 
 
@@ -174,12 +222,14 @@ def prompts_for_step(tasks: dict[str, Task], prompts_per_step: int, seed: int, s
     shares = [prompts_per_step // len(names) + (i < prompts_per_step % len(names)) for i in range(len(names))]
     return [
         item
-        for i, (name, share) in enumerate(zip(names, shares)) if share
+        for i, (name, share) in enumerate(zip(names, shares))
+        if share
         for item in tasks[name].items("train", share, seed=(seed * 1_000_003 + step) * 1_009 + i)
     ]
 
 
 # ---------------------------------------------------------------- one update
+
 
 def micro_batch_slices(batch_size: int, micro_batch_size: int) -> list[slice]:
     return [slice(i, min(i + micro_batch_size, batch_size)) for i in range(0, batch_size, micro_batch_size)]
@@ -195,7 +245,9 @@ def trim_right_padding(batch: RolloutBatch) -> RolloutBatch:
 
 
 @torch.no_grad()
-def student_logprobs_no_grad(model: torch.nn.Module, batch: RolloutBatch, *, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
+def student_logprobs_no_grad(
+    model: torch.nn.Module, batch: RolloutBatch, *, micro_batch_size: int, chunk_size: int
+) -> torch.Tensor:
     """log pi_theta of the batch's tokens at the current weights (0 off the loss mask), [B, T]."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -221,8 +273,9 @@ class TeacherSignal:
     teacher: Any = None
 
 
-def signal_divergence(model: torch.nn.Module, mb: RolloutBatch, signal: TeacherSignal,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def signal_divergence(
+    model: torch.nn.Module, mb: RolloutBatch, signal: TeacherSignal, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(student_logprobs_B_T, divergence_B_T) of a micro-batch from one student forward; both 0 before
     the completion. The LM heads run in chunks of positions (never a full [B, T, V] tensor)."""
     policy = hidden_forward_of(model)
@@ -230,19 +283,30 @@ def signal_divergence(model: torch.nn.Module, mb: RolloutBatch, signal: TeacherS
         raise ValueError("teacher_signal topk / exact needs the student wrapped in HiddenForward")
     start = mb.prompt_len
     hidden_B_T_H = model(mb.input_ids_B_T, mb.attention_mask_B_T)
-    student_lp_B_T = shifted_completion_logprobs(hidden_B_T_H, policy.head, mb.input_ids_B_T, start,
-                                                 chunk_size=chunk_size, logit_softcap=policy.softcap)
+    student_lp_B_T = shifted_completion_logprobs(
+        hidden_B_T_H, policy.head, mb.input_ids_B_T, start, chunk_size=chunk_size, logit_softcap=policy.softcap
+    )
     student_head = softcapped(policy.head, policy.softcap)
-    hidden_B_C_H = hidden_B_T_H[:, start - 1:-1]
+    hidden_B_C_H = hidden_B_T_H[:, start - 1 : -1]
     if signal.kind == "exact":
         teacher_hidden_B_T_H, teacher_head = signal.teacher.hidden_states(mb)
         divergence_B_C = chunked_exact_divergence(
-            hidden_B_C_H, student_head, teacher_hidden_B_T_H[:, start - 1:-1].to(hidden_B_C_H.device), teacher_head,
-            signal.divergence, chunk_size=chunk_size)
+            hidden_B_C_H,
+            student_head,
+            teacher_hidden_B_T_H[:, start - 1 : -1].to(hidden_B_C_H.device),
+            teacher_head,
+            signal.divergence,
+            chunk_size=chunk_size,
+        )
     else:
         divergence_B_C = chunked_topk_divergence(
-            hidden_B_C_H, student_head, mb.teacher_topk_ids_B_T_K[:, start:], mb.teacher_topk_logprobs_B_T_K[:, start:],
-            signal.divergence, chunk_size=chunk_size)
+            hidden_B_C_H,
+            student_head,
+            mb.teacher_topk_ids_B_T_K[:, start:],
+            mb.teacher_topk_logprobs_B_T_K[:, start:],
+            signal.divergence,
+            chunk_size=chunk_size,
+        )
     divergence_B_T = torch.cat([divergence_B_C.new_zeros(mb.batch_size, start), divergence_B_C.float()], dim=1)
     return student_lp_B_T, divergence_B_T
 
@@ -279,15 +343,28 @@ def update_policy(
             mb = trim_right_padding(batch.select(rows)).to(device)
             adv_B_T = advantages_B_T[rows, : mb.input_ids_B_T.shape[1]].to(device)
             if signal is None:
-                student_lp_B_T = completion_logprobs(model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len,
-                                                     chunk_size=chunk_size)
-                loss = policy_loss(student_lp_B_T, mb.sampler_logprobs_B_T, adv_B_T, mb.loss_mask_B_T,
-                                   clip_eps=clip_eps, normalizer=normalizer)
+                student_lp_B_T = completion_logprobs(
+                    model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len, chunk_size=chunk_size
+                )
+                loss = policy_loss(
+                    student_lp_B_T,
+                    mb.sampler_logprobs_B_T,
+                    adv_B_T,
+                    mb.loss_mask_B_T,
+                    clip_eps=clip_eps,
+                    normalizer=normalizer,
+                )
             else:
                 student_lp_B_T, divergence_B_T = signal_divergence(model, mb, signal, chunk_size)
-                loss = per_position_divergence_loss(divergence_B_T, student_lp_B_T, mb.sampler_logprobs_B_T,
-                                                    mb.loss_mask_B_T, gamma=signal.gamma, clip_eps=clip_eps,
-                                                    normalizer=normalizer)
+                loss = per_position_divergence_loss(
+                    divergence_B_T,
+                    student_lp_B_T,
+                    mb.sampler_logprobs_B_T,
+                    mb.loss_mask_B_T,
+                    gamma=signal.gamma,
+                    clip_eps=clip_eps,
+                    normalizer=normalizer,
+                )
                 signal_sum += float(torch.where(mb.loss_mask_B_T, divergence_B_T.detach(), 0.0).sum())
             (loss * ctx.world_size).backward()
             loss_sum += float(loss.detach())
@@ -321,8 +398,14 @@ def update_policy(
 
 # ---------------------------------------------------------------- per-step metrics
 
-def divergence_metrics(divergence: Divergence, student_lp_B_T: torch.Tensor, teacher_lp_B_T: torch.Tensor,
-                       loss_mask_B_T: torch.Tensor, log_ratio_clip: float | None) -> dict[str, float]:
+
+def divergence_metrics(
+    divergence: Divergence,
+    student_lp_B_T: torch.Tensor,
+    teacher_lp_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    log_ratio_clip: float | None,
+) -> dict[str, float]:
     """Sampled-token estimates (per token) of the chosen divergence D_f(q || pi) and of KL(pi || q)."""
     log_ratio_B_T = masked_log_ratio(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip).double()
     f_B_T = divergence.f(divergence.safe_log_ratio(log_ratio_B_T))
@@ -330,13 +413,17 @@ def divergence_metrics(divergence: Divergence, student_lp_B_T: torch.Tensor, tea
     return {
         f"div/{divergence.name}": masked_mean(f_B_T, loss_mask_B_T),
         "div/reverse_kl": masked_mean(-raw_B_T, loss_mask_B_T),
-        "adv/log_ratio_clip_frac": float(log_ratio_clip_fraction(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip)),
+        "adv/log_ratio_clip_frac": float(
+            log_ratio_clip_fraction(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip)
+        ),
     }
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths_B = batch.completion_lengths_B().double()
-    truncated_B = batch.truncated_B if batch.truncated_B is not None else torch.zeros(batch.batch_size, dtype=torch.bool)
+    truncated_B = (
+        batch.truncated_B if batch.truncated_B is not None else torch.zeros(batch.batch_size, dtype=torch.bool)
+    )
     return {
         "rollout/len_mean": float(lengths_B.mean()),
         "rollout/len_max": float(lengths_B.max()),
@@ -352,6 +439,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- RNG and run directory
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -403,8 +491,9 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def save_student(model: torch.nn.Module, tokenizer: Any, directory: Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_student(
+    model: torch.nn.Module, tokenizer: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """HF ``save_pretrained`` layout with safetensors (for LoRA: the peft adapter) plus the tokenizer.
     ``state_dict`` gives the weights when they are sharded over processes (FSDP)."""
     model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -426,9 +515,17 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 7919 * rank
 
 
-def write_checkpoint(cfg: TrainConfig, step: int, policy: torch.nn.Module, student: torch.nn.Module, tokenizer: Any,
-                     optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator,
-                     ctx: DistContext = DistContext()) -> Path:
+def write_checkpoint(
+    cfg: TrainConfig,
+    step: int,
+    policy: torch.nn.Module,
+    student: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    ctx: DistContext = DistContext(),
+) -> Path:
     """Gather weights, optimizer state (keyed by parameter name, unsharded) and every rank's RNG state;
     rank 0 writes the checkpoint. All ranks must call it (FSDP gathers collectively)."""
     sharded = dist_utils.is_fsdp(policy)
@@ -439,18 +536,27 @@ def write_checkpoint(cfg: TrainConfig, step: int, policy: torch.nn.Module, stude
     if ctx.is_main:
         hf_weights = None if weights is None else {k.removeprefix("model."): v for k, v in weights.items()}
         path = ckpt.save_checkpoint(
-            Path(cfg.run.dir), step,
+            Path(cfg.run.dir),
+            step,
             write_model=lambda d: save_student(student, tokenizer, d, state_dict=hf_weights),
-            trainer_state={"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                           "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": ctx.world_size},
-            config_yaml=to_yaml(cfg), keep=cfg.run.keep_checkpoints,
+            trainer_state={
+                "step": step,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_per_rank[0],
+                "rng_per_rank": rng_per_rank,
+                "world_size": ctx.world_size,
+            },
+            config_yaml=to_yaml(cfg),
+            keep=cfg.run.keep_checkpoints,
         )
     dist_utils.barrier(ctx)
     return path
 
 
-def load_checkpoint_weights(run_dir: Path, student: torch.nn.Module, *, lora: bool,
-                            ctx: DistContext = DistContext()) -> tuple[Path | None, dict[str, Any] | None]:
+def load_checkpoint_weights(
+    run_dir: Path, student: torch.nn.Module, *, lora: bool, ctx: DistContext = DistContext()
+) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the newest (verified) checkpoint's weights into the unwrapped student; returns the
     checkpoint and its trainer state. Rank 0 first removes leftovers of an interrupted save."""
     if ctx.is_main:
@@ -463,8 +569,16 @@ def load_checkpoint_weights(run_dir: Path, student: torch.nn.Module, *, lora: bo
     return checkpoint, ckpt.load_trainer_state(checkpoint)
 
 
-def restore_trainer_state(state: dict[str, Any], policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          scheduler: Any, generator: torch.Generator, *, seed: int, ctx: DistContext = DistContext()) -> int:
+def restore_trainer_state(
+    state: dict[str, Any],
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    *,
+    seed: int,
+    ctx: DistContext = DistContext(),
+) -> int:
     """Optimizer, schedule and RNG from a checkpoint (written by any number of processes); returns its step.
     With the same number of processes every rank gets its own RNG state back (an exact continuation);
     with another number, rank 0 does and the others re-seed from (seed, step, rank)."""
@@ -495,6 +609,7 @@ class _NoWriter:
 
 # ---------------------------------------------------------------- the loop
 
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Distil ``cfg.teacher`` into ``cfg.student``; writes config.yaml, metrics.jsonl and checkpoints into
     ``cfg.run.dir``. With ``resume=True`` it continues from the newest checkpoint there."""
@@ -521,11 +636,14 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> TrainResult:
     return result
 
 
-def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *, resume: bool,
-                     overwrite: bool) -> TrainResult:
+def _train_processes(
+    cfg: TrainConfig, ctx: DistContext, device: torch.device, *, resume: bool, overwrite: bool
+) -> TrainResult:
     if cfg.data.prompts_per_step % ctx.world_size:
-        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
-                          f"processes ({ctx.world_size}) so that every process gets the same share")
+        raise ConfigError(
+            f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
+            f"processes ({ctx.world_size}) so that every process gets the same share"
+        )
     run_dir = check_run_dir(cfg, resume=resume, overwrite=overwrite)
     dist_utils.barrier(ctx)
     if ctx.is_main:
@@ -537,15 +655,19 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
     teacher = build_teacher(cfg, tokenizer, student, device)
     tasks = build_tasks(cfg, tokenizer)
     divergence = build_divergence(cfg.loss)
-    last_checkpoint, state = (load_checkpoint_weights(run_dir, student, lora=cfg.student.lora.enabled, ctx=ctx)
-                              if resume else (None, None))
+    last_checkpoint, state = (
+        load_checkpoint_weights(run_dir, student, lora=cfg.student.lora.enabled, ctx=ctx) if resume else (None, None)
+    )
     policy = dist_utils.wrap_model(HiddenForward(student), ctx, device)
     optimizer, scheduler = build_optimizer(policy, cfg)
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.run.seed, ctx.rank))
     settings = sampling_settings(cfg)
     sampler = sampler_class(cfg.rollout.sampler)(student, tokenizer, settings, generator)
-    signal = None if cfg.loss.teacher_signal == "sampled" else TeacherSignal(
-        cfg.loss.teacher_signal, divergence, cfg.loss.gamma, teacher)
+    signal = (
+        None
+        if cfg.loss.teacher_signal == "sampled"
+        else TeacherSignal(cfg.loss.teacher_signal, divergence, cfg.loss.gamma, teacher)
+    )
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
 
     start_step = 0
@@ -555,9 +677,21 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
         truncate_metrics(run_dir, start_step)
     dist_utils.barrier(ctx)
 
-    writer = MetricsWriter(run_dir, total_steps=cfg.run.steps, start_step=start_step, progress=cfg.run.progress,
-                           log_every=cfg.run.log_every, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb,
-                           wandb_project=cfg.run.wandb_project, config=to_dict(cfg)) if ctx.is_main else _NoWriter()
+    writer = (
+        MetricsWriter(
+            run_dir,
+            total_steps=cfg.run.steps,
+            start_step=start_step,
+            progress=cfg.run.progress,
+            log_every=cfg.run.log_every,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            wandb_project=cfg.run.wandb_project,
+            config=to_dict(cfg),
+        )
+        if ctx.is_main
+        else _NoWriter()
+    )
     if resume:
         writer.message(f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at step {start_step}")
     if ctx.enabled:
@@ -568,10 +702,19 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
     def held_out() -> dict[str, float]:
         t0 = time.perf_counter()
         with dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
-            result = evaluate(student, tokenizer, teacher, tasks, num_prompts=cfg.eval.num_prompts,
-                              max_new_tokens=eval_tokens, seed=cfg.eval.seed, batch_size=cfg.rollout.batch_size,
-                              score_decoding=cfg.eval.score_decoding, sampler_cls=sampler_class(cfg.rollout.sampler),
-                              forward_kl=cfg.eval.forward_kl)
+            result = evaluate(
+                student,
+                tokenizer,
+                teacher,
+                tasks,
+                num_prompts=cfg.eval.num_prompts,
+                max_new_tokens=eval_tokens,
+                seed=cfg.eval.seed,
+                batch_size=cfg.rollout.batch_size,
+                score_decoding=cfg.eval.score_decoding,
+                sampler_cls=sampler_class(cfg.rollout.sampler),
+                forward_kl=cfg.eval.forward_kl,
+            )
         return {**result, "perf/eval_s": time.perf_counter() - t0}
 
     try:
@@ -581,14 +724,18 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
         for step in range(start_step + 1, cfg.run.steps + 1):
             reset_peak_memory(device)
             t0 = time.perf_counter()
-            items = dist_utils.shard_for_rank(prompts_for_step(tasks, cfg.data.prompts_per_step, cfg.run.seed, step), ctx)
+            items = dist_utils.shard_for_rank(
+                prompts_for_step(tasks, cfg.data.prompts_per_step, cfg.run.seed, step), ctx
+            )
             with dist_utils.gathered(policy):
                 batch = sampler.sample(items)
             _sync(device)
             t1 = time.perf_counter()
             batch.teacher_logprobs_B_T = teacher.score(batch)
             if cfg.loss.teacher_signal == "topk":
-                batch.teacher_topk_ids_B_T_K, batch.teacher_topk_logprobs_B_T_K = teacher.score_topk(batch, cfg.loss.topk)
+                batch.teacher_topk_ids_B_T_K, batch.teacher_topk_logprobs_B_T_K = teacher.score_topk(
+                    batch, cfg.loss.topk
+                )
             _sync(device)
             t2 = time.perf_counter()
             # Advantages use the log-probs of the policy that sampled; with temperature / top-k / top-p
@@ -598,22 +745,47 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
             else:
                 with dist_utils.gathered(policy):
                     rollout_student_lp = student_logprobs_no_grad(
-                        student, batch, micro_batch_size=cfg.loss.micro_batch_size, chunk_size=cfg.loss.logprob_chunk_size)
+                        student,
+                        batch,
+                        micro_batch_size=cfg.loss.micro_batch_size,
+                        chunk_size=cfg.loss.logprob_chunk_size,
+                    )
             advantages_B_T = compute_advantages(
-                rollout_student_lp, batch.teacher_logprobs_B_T, batch.loss_mask_B_T, divergence=divergence,
-                estimator=cfg.loss.estimator, gamma=cfg.loss.gamma, log_ratio_clip=cfg.loss.log_ratio_clip)
+                rollout_student_lp,
+                batch.teacher_logprobs_B_T,
+                batch.loss_mask_B_T,
+                divergence=divergence,
+                estimator=cfg.loss.estimator,
+                gamma=cfg.loss.gamma,
+                log_ratio_clip=cfg.loss.log_ratio_clip,
+            )
             update = update_policy(
-                policy, optimizer, scheduler, batch, advantages_B_T, ppo_epochs=cfg.loss.ppo_epochs,
-                micro_batch_size=cfg.loss.micro_batch_size, clip_eps=cfg.loss.clip_eps,
-                max_grad_norm=cfg.optim.max_grad_norm, chunk_size=cfg.loss.logprob_chunk_size, signal=signal, ctx=ctx)
+                policy,
+                optimizer,
+                scheduler,
+                batch,
+                advantages_B_T,
+                ppo_epochs=cfg.loss.ppo_epochs,
+                micro_batch_size=cfg.loss.micro_batch_size,
+                clip_eps=cfg.loss.clip_eps,
+                max_grad_norm=cfg.optim.max_grad_norm,
+                chunk_size=cfg.loss.logprob_chunk_size,
+                signal=signal,
+                ctx=ctx,
+            )
             _sync(device)
             t3 = time.perf_counter()
 
             tokens = float(count_loss_tokens(batch.loss_mask_B_T))
             metrics = {
                 **update,
-                **divergence_metrics(divergence, rollout_student_lp, batch.teacher_logprobs_B_T, batch.loss_mask_B_T,
-                                     cfg.loss.log_ratio_clip),
+                **divergence_metrics(
+                    divergence,
+                    rollout_student_lp,
+                    batch.teacher_logprobs_B_T,
+                    batch.loss_mask_B_T,
+                    cfg.loss.log_ratio_clip,
+                ),
                 **per_task_reverse_kl(rollout_student_lp, batch),
                 **{f"adv/{k}": v for k, v in masked_stats(advantages_B_T, batch.loss_mask_B_T).items()},
                 **rollout_metrics(batch),
@@ -629,8 +801,9 @@ def _train_processes(cfg: TrainConfig, ctx: DistContext, device: torch.device, *
                 metrics.update(held_out())
             writer.log(step, metrics)
             if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
-                last_checkpoint = write_checkpoint(cfg, step, policy, student, tokenizer, optimizer, scheduler,
-                                                   generator, ctx)
+                last_checkpoint = write_checkpoint(
+                    cfg, step, policy, student, tokenizer, optimizer, scheduler, generator, ctx
+                )
     finally:
         writer.close()
     return TrainResult(run_dir=run_dir, step=cfg.run.steps, metrics=metrics, checkpoint=last_checkpoint)

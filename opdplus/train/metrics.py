@@ -4,6 +4,7 @@ Keys are namespaced: ``loss/``, ``div/``, ``adv/``, ``rollout/``, ``eval/``, ``p
 are small functions of local tensors returning sums and counts, so that a distributed run can
 all-reduce them before dividing.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------- reductions (local sums -> scalars)
+
 
 def count_loss_tokens(loss_mask_B_T: torch.Tensor) -> int:
     """Loss tokens in a batch: the global normalizer of the optimizer step (all-reduce in DDP)."""
@@ -60,6 +62,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- metrics.jsonl
 
+
 def _parse_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) pairs; a line cut short by a crash (not valid JSON) is skipped."""
     out = []
@@ -96,17 +99,34 @@ def _clean(value: Any) -> Any:
 
 
 # Key numbers shown on the progress bar / plain lines, when present.
-HEADLINE = {"loss/policy": "loss", "div/reverse_kl": "rkl", "adv/mean": "adv", "rollout/len_mean": "len",
-            "eval/reverse_kl": "eval_rkl", "eval/score": "eval_score", "perf/step_s": "s/step"}
+HEADLINE = {
+    "loss/policy": "loss",
+    "div/reverse_kl": "rkl",
+    "adv/mean": "adv",
+    "rollout/len_mean": "len",
+    "eval/reverse_kl": "eval_rkl",
+    "eval/score": "eval_score",
+    "perf/step_s": "s/step",
+}
 
 
 class MetricsWriter:
     """Appends one JSON line per step and shows progress (a bar on a TTY, plain lines otherwise)."""
 
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, progress: str = "auto",
-                 log_every: int = 1, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "opdplus", config: dict[str, Any] | None = None,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        progress: str = "auto",
+        log_every: int = 1,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "opdplus",
+        config: dict[str, Any] | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.stream = stream or sys.stderr
         self.log_every = log_every
@@ -126,8 +146,9 @@ class MetricsWriter:
         if wandb:
             import wandb as wandb_module
 
-            self.wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config,
-                                           name=Path(run_dir).name, resume="allow")
+            self.wandb = wandb_module.init(
+                project=wandb_project, dir=str(run_dir), config=config, name=Path(run_dir).name, resume="allow"
+            )
         self._file = open(self.path, "a")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

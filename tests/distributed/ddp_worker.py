@@ -1,15 +1,16 @@
 """Run under torchrun by tests/distributed/test_distributed.py: one update of a tiny student on this
 rank's share of a fixed global batch, then rank 0 saves the full updated weights."""
+
 from __future__ import annotations
 
 import sys
 
 import torch
+from ddp_case import build_case
 
 from opdplus.models.forward import HiddenForward
 from opdplus.train import distributed as dist_utils
 from opdplus.train.loop import update_policy
-from ddp_case import build_case
 
 
 def main(parallelism: str, out_path: str, micro_batch_size: int) -> None:
@@ -19,8 +20,16 @@ def main(parallelism: str, out_path: str, micro_batch_size: int) -> None:
     optimizer, scheduler = optimizer_fn(policy)
     share = batch.batch_size // ctx.world_size
     rows = slice(ctx.rank * share, (ctx.rank + 1) * share)
-    metrics = update_policy(policy, optimizer, scheduler, batch.select(rows), advantages_B_T[rows],
-                            micro_batch_size=micro_batch_size, max_grad_norm=1.0, ctx=ctx)
+    metrics = update_policy(
+        policy,
+        optimizer,
+        scheduler,
+        batch.select(rows),
+        advantages_B_T[rows],
+        micro_batch_size=micro_batch_size,
+        max_grad_norm=1.0,
+        ctx=ctx,
+    )
     weights = dist_utils.full_model_state_dict(policy)
     if ctx.is_main:
         torch.save({"weights": weights, "metrics": metrics}, out_path)

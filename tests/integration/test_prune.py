@@ -1,4 +1,5 @@
 """`make-student`: layer selection, pruned weights, config and KV-cache indices, HF round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,13 +35,17 @@ def test_select_layers_rejects_bad_requests(keep, strategy):
 def teacher_dir(tmp_path_factory):
     from opdplus.models.tiny import save_tiny_model_dir
 
-    return save_tiny_model_dir(tmp_path_factory.mktemp("teacher6"), seed=3, hidden_size=32, intermediate_size=64,
-                               num_layers=6)
+    return save_tiny_model_dir(
+        tmp_path_factory.mktemp("teacher6"), seed=3, hidden_size=32, intermediate_size=64, num_layers=6
+    )
 
 
 def test_make_student_keeps_teacher_weights(teacher_dir, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(["make-student", "--from", str(teacher_dir), "--layers", "3", "--strategy", "uniform", "--out", str(out)]) == 0
+    assert (
+        main(["make-student", "--from", str(teacher_dir), "--layers", "3", "--strategy", "uniform", "--out", str(out)])
+        == 0
+    )
     assert "kept teacher layers [0, 2, 5]" in capsys.readouterr().out
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     student = AutoModelForCausalLM.from_pretrained(out)
@@ -90,8 +95,14 @@ def test_layer_types_follow_the_kept_layers():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
         layer_types=["sliding_attention"] * 5 + ["full_attention"],
     )
     model = Gemma3ForCausalLM(config)

@@ -1,11 +1,13 @@
 """`opdplus report` on plain training runs (metrics.jsonl + config.yaml, no result.json)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from opdplus.report import find_runs, load_run, run as report_run, write_report
+from opdplus.report import find_runs, load_run, write_report
+from opdplus.report import run as report_run
 from opdplus.train import train
 from opdplus.train.metrics import read_metrics
 

@@ -1,4 +1,5 @@
 """Model specs: local directories, GGUF files in packages (converted once, cached), split GGUFs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,9 @@ def chunk_packages(tmp_path, monkeypatch):
     (tmp_path / "site" / "fakemain" / "__init__.py").write_text("raise RuntimeError('never imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("OPDPLUS_CACHE", str(tmp_path / "cache"))
-    split = SplitGGUF(hashlib.sha256(payload).hexdigest(), (("fakechunk0", "data/m.gguf.part"), ("fakechunk1", "data/m.gguf.part")))
+    split = SplitGGUF(
+        hashlib.sha256(payload).hexdigest(), (("fakechunk0", "data/m.gguf.part"), ("fakechunk1", "data/m.gguf.part"))
+    )
     monkeypatch.setitem(sources.KNOWN_SPLIT_GGUFS, ("fakemain", "m.gguf"), split)
     return payload
 

@@ -4,6 +4,7 @@ HTTP scores equal local scores; bad requests get the right 4xx and the server ke
 disconnecting clients, a bounded load test, the API key, and HTTPTeacher's retries when the
 server dies.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,21 +18,28 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from serving import ServerProcess
 
 from opdplus.rollout.http_teacher import HTTPTeacher, TeacherUnavailableError
 from opdplus.rollout.types import RolloutBatch
-from serving import ServerProcess
 
 API_KEY = "sesame"
 VOCAB = 256
 MAX_PROMPT_TOKENS = 64
 MAX_PROMPTS = 8
 MAX_REQUEST_BYTES = 32 * 1024
-LIMITS = ("--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-prompts-per-request", str(MAX_PROMPTS),
-          "--max-request-mb", str(MAX_REQUEST_BYTES / 2**20))
+LIMITS = (
+    "--max-prompt-tokens",
+    str(MAX_PROMPT_TOKENS),
+    "--max-prompts-per-request",
+    str(MAX_PROMPTS),
+    "--max-request-mb",
+    str(MAX_REQUEST_BYTES / 2**20),
+)
 
 
 # ------------------------------------------------------------------------------ fixtures
+
 
 def build_tiny_teacher(out: Path) -> None:
     """A random 2-layer Llama (vocab 256) and a character-level tokenizer, saved like a HF model."""
@@ -43,12 +51,23 @@ def build_tiny_teacher(out: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.5,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -83,6 +102,7 @@ def local_model(model_dir: Path):
 
 # ------------------------------------------------------------------------------ helpers
 
+
 def score_body(prompt, **overrides) -> dict:
     return {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 0} | overrides
 
@@ -107,15 +127,24 @@ def make_rollout_batch(seed: int, rows: int) -> RolloutBatch:
         attn.append([False] * left + [True] * (len(p) + len(c)) + [False] * right)
         loss.append([False] * p_len + [True] * len(c) + [False] * right)
     ids_B_T = torch.tensor(ids)
-    return RolloutBatch(ids_B_T, torch.tensor(attn), torch.tensor(loss), torch.zeros(ids_B_T.shape), prompt_len=p_len,
-                        tasks=["demo"] * rows)
+    return RolloutBatch(
+        ids_B_T,
+        torch.tensor(attn),
+        torch.tensor(loss),
+        torch.zeros(ids_B_T.shape),
+        prompt_len=p_len,
+        tasks=["demo"] * rows,
+    )
 
 
 @torch.no_grad()
 def local_teacher_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
     """The local teacher's way: one padded forward with position ids from the attention mask."""
-    logits_B_T_V = model(input_ids=batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T.long(),
-                         position_ids=batch.position_ids_B_T).logits.float()
+    logits_B_T_V = model(
+        input_ids=batch.input_ids_B_T,
+        attention_mask=batch.attention_mask_B_T.long(),
+        position_ids=batch.position_ids_B_T,
+    ).logits.float()
     logp_B_T = torch.log_softmax(logits_B_T_V[:, :-1], -1).gather(-1, batch.input_ids_B_T[:, 1:, None]).squeeze(-1)
     out_B_T = torch.zeros(batch.input_ids_B_T.shape)
     out_B_T[:, 1:] = logp_B_T
@@ -123,6 +152,7 @@ def local_teacher_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ scores
+
 
 def test_http_teacher_scores_equal_local_scores(server: ServerProcess, local_model) -> None:
     batch = make_rollout_batch(seed=0, rows=11)
@@ -139,8 +169,11 @@ def test_http_teacher_topk_equals_local_topk(server: ServerProcess, local_model)
     with HTTPTeacher(server.url, api_key=API_KEY, rows_per_request=2) as teacher:
         ids_B_T_K, logprobs_B_T_K = teacher.score_topk(batch, k)
     with torch.no_grad():
-        logits_B_T_V = local_model(input_ids=batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T.long(),
-                                   position_ids=batch.position_ids_B_T).logits.float()
+        logits_B_T_V = local_model(
+            input_ids=batch.input_ids_B_T,
+            attention_mask=batch.attention_mask_B_T.long(),
+            position_ids=batch.position_ids_B_T,
+        ).logits.float()
     want_lp_B_T_K, want_ids_B_T_K = torch.log_softmax(logits_B_T_V[:, :-1], -1).topk(k, dim=-1)
     mask_B_T = batch.loss_mask_B_T[:, 1:]
     assert torch.equal(ids_B_T_K[:, 1:][mask_B_T], want_ids_B_T_K[mask_B_T])
@@ -211,8 +244,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("name,body,status,message", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_request_gets_4xx_with_a_message(client: httpx.Client, server: ServerProcess, name, body, status,
-                                             message) -> None:
+def test_bad_request_gets_4xx_with_a_message(
+    client: httpx.Client, server: ServerProcess, name, body, status, message
+) -> None:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = client.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
@@ -231,6 +265,7 @@ def test_unknown_route_and_wrong_method(client: httpx.Client) -> None:
 
 # ------------------------------------------------------------------------------ auth
 
+
 def test_api_key_is_required_on_v1_routes(server: ServerProcess) -> None:
     body = score_body([1, 2, 3])
     assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
@@ -244,17 +279,21 @@ def test_api_key_is_required_on_v1_routes(server: ServerProcess) -> None:
 
 # ------------------------------------------------------------------------------ disconnects
 
+
 def raw_request(port: int, body: bytes, *, send_bytes: int | None = None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     sock.sendall((head + body)[: None if send_bytes is None else len(head) + send_bytes])
     return sock
 
 
 def test_clients_that_disconnect_do_not_break_the_server(client: httpx.Client, server: ServerProcess) -> None:
-    big = json.dumps(score_body([[random.randrange(VOCAB) for _ in range(MAX_PROMPT_TOKENS)]] * MAX_PROMPTS,
-                                logprobs=20)).encode()
+    big = json.dumps(
+        score_body([[random.randrange(VOCAB) for _ in range(MAX_PROMPT_TOKENS)]] * MAX_PROMPTS, logprobs=20)
+    ).encode()
     raw_request(server.port, big, send_bytes=len(big) // 2).close()  # gone while sending the body
     for _ in range(5):
         raw_request(server.port, big).close()  # gone while its prompts are queued or being scored
@@ -265,6 +304,7 @@ def test_clients_that_disconnect_do_not_break_the_server(client: httpx.Client, s
 
 
 # ------------------------------------------------------------------------------ load
+
 
 async def _client_loop(url: str, seed: int, n_requests: int) -> list[str]:
     gen = random.Random(seed)
@@ -295,15 +335,18 @@ def test_load_32_clients_x_20_requests_without_errors(client: httpx.Client, serv
     after = client.get("/stats").json()
     batches = after["batches"] - before["batches"]
     rows = after["rows"] - before["rows"]
-    print(f"\nload: {clients * per_client} requests in {elapsed:.2f}s = {clients * per_client / elapsed:.0f} req/s; "
-          f"{rows} prompts in {batches} forward passes ({rows / max(batches, 1):.1f} per batch, "
-          f"largest {after['max_batch_rows']})")
+    print(
+        f"\nload: {clients * per_client} requests in {elapsed:.2f}s = {clients * per_client / elapsed:.0f} req/s; "
+        f"{rows} prompts in {batches} forward passes ({rows / max(batches, 1):.1f} per batch, "
+        f"largest {after['max_batch_rows']})"
+    )
     assert errors == []
     assert batches < rows  # concurrent requests were batched together
     assert server.healthy()
 
 
 # ------------------------------------------------------------------------------ server death
+
 
 def test_http_teacher_retries_then_names_the_url_when_the_server_dies(model_dir: Path, tmp_path: Path) -> None:
     proc = ServerProcess(model_dir, tmp_path / "doomed.log")
@@ -313,8 +356,11 @@ def test_http_teacher_retries_then_names_the_url_when_the_server_dies(model_dir:
         teacher = HTTPTeacher(proc.url, max_retries=3, backoff_s=0.05, timeout_s=5)
         assert teacher.score(batch)[batch.loss_mask_B_T].abs().min() > 0
         proc.stop()
-        with pytest.raises(TeacherUnavailableError, match=rf"teacher at {proc.url}/v1/completions failed after 4 "
-                                                          r"attempts; last error: ConnectError"):
+        with pytest.raises(
+            TeacherUnavailableError,
+            match=rf"teacher at {proc.url}/v1/completions failed after 4 "
+            r"attempts; last error: ConnectError",
+        ):
             teacher.score(batch)
         assert teacher.metrics()["retries"] >= 3
         teacher.close()

@@ -1,5 +1,6 @@
 """End-to-end training on tiny random models: every estimator x divergence, LoRA, invariance of the
 update to micro-batching, artifacts, and each configuration error."""
+
 import json
 import math
 from pathlib import Path
@@ -8,15 +9,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opdplus.ops.advantages import advantages
 from opdplus.ops.divergences import divergence_names
+from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.tasks.base import TaskItem, register_task
 from opdplus.train import ConfigError, RunDirError, train
 from opdplus.train.checkpoint import CorruptCheckpointError, verify_checkpoint
 from opdplus.train.config import load_config, with_overrides
-from opdplus.train.loop import build_optimizer, build_student, build_teacher, build_tasks, prompts_for_step, update_policy
+from opdplus.train.loop import (
+    build_optimizer,
+    build_student,
+    build_tasks,
+    build_teacher,
+    prompts_for_step,
+    update_policy,
+)
 from opdplus.train.metrics import read_metrics
-from opdplus.ops.advantages import advantages
-from opdplus.rollout.sampler import Sampler, SamplingSettings
 
 NAMESPACES = ("loss/", "div/", "adv/", "rollout/", "eval/", "perf/")
 
@@ -52,17 +60,31 @@ def test_three_steps_every_estimator_and_divergence(tmp_path, estimator, diverge
 def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = tiny_train_config(tmp_path / "run", "eval.at_end=true", "eval.every=2", "run.checkpoint_every=2",
-                            "run.keep_checkpoints=0")
+    cfg = tiny_train_config(
+        tmp_path / "run", "eval.at_end=true", "eval.every=2", "run.checkpoint_every=2", "run.keep_checkpoints=0"
+    )
     result = train(cfg)
     run_dir = result.run_dir
     assert load_config(run_dir / "config.yaml") == cfg
     rows = read_metrics(run_dir)
     keys = set().union(*rows) - {"step", "time"}
     assert all(k.startswith(NAMESPACES) for k in keys), sorted(keys)
-    for key in ("loss/policy", "div/reverse_kl", "adv/mean", "adv/std", "adv/min", "adv/max", "adv/log_ratio_clip_frac",
-                "rollout/len_mean", "rollout/len_max", "rollout/truncated_frac", "perf/sample_tok_s",
-                "perf/score_tok_s", "perf/update_tok_s", "perf/peak_mem_mb"):
+    for key in (
+        "loss/policy",
+        "div/reverse_kl",
+        "adv/mean",
+        "adv/std",
+        "adv/min",
+        "adv/max",
+        "adv/log_ratio_clip_frac",
+        "rollout/len_mean",
+        "rollout/len_max",
+        "rollout/truncated_frac",
+        "perf/sample_tok_s",
+        "perf/score_tok_s",
+        "perf/update_tok_s",
+        "perf/peak_mem_mb",
+    ):
         assert all(key in r for r in rows), key
     assert [("eval/reverse_kl" in r) for r in rows] == [False, True, True]
     assert "eval/contains/score" in rows[-1] and 0 <= rows[-1]["eval/score"] <= 1
@@ -75,7 +97,6 @@ def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
     assert tokenizer.chat_template and model.config.vocab_size == len(tokenizer)
     saved = load_file(str(result.checkpoint / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
-
 
 
 def test_eval_at_start_logs_the_starting_policy_as_step_zero(tiny_train_config, tmp_path):
@@ -93,9 +114,19 @@ def test_eval_at_start_logs_the_starting_policy_as_step_zero(tiny_train_config, 
 def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
     """Tempered top-k/top-p sampling (advantages from a recomputed student forward), PPO epochs with
     ratio clipping, a discount, a log-ratio clip and a linear schedule with warmup."""
-    cfg = tiny_train_config(tmp_path / "run", "rollout.temperature=0.8", "rollout.top_k=20", "rollout.top_p=0.95",
-                            "loss.ppo_epochs=2", "loss.clip_eps=0.1", "loss.gamma=0.9", "loss.log_ratio_clip=0.5",
-                            "loss.divergence=forward_kl", "optim.schedule=linear", "optim.warmup_steps=1")
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        "rollout.temperature=0.8",
+        "rollout.top_k=20",
+        "rollout.top_p=0.95",
+        "loss.ppo_epochs=2",
+        "loss.clip_eps=0.1",
+        "loss.gamma=0.9",
+        "loss.log_ratio_clip=0.5",
+        "loss.divergence=forward_kl",
+        "optim.schedule=linear",
+        "optim.warmup_steps=1",
+    )
     with pytest.warns(UserWarning, match="off-policy"):
         result = train(cfg)
     rows = read_metrics(result.run_dir)
@@ -105,8 +136,15 @@ def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
 
 
 def test_fast_sampler_backend(tmp_path, tiny_train_config):
-    result = train(tiny_train_config(tmp_path / "run", "rollout.sampler=fast", "loss.divergence=jsd", "eval.at_end=true",
-                                     "eval.score_decoding=greedy"))
+    result = train(
+        tiny_train_config(
+            tmp_path / "run",
+            "rollout.sampler=fast",
+            "loss.divergence=jsd",
+            "eval.at_end=true",
+            "eval.score_decoding=greedy",
+        )
+    )
     rows = read_metrics(result.run_dir)
     assert len(rows) == 3 and all(math.isfinite(r["loss/policy"]) for r in rows)
     assert math.isfinite(rows[-1]["eval/reverse_kl"]) and "eval/contains/score" in rows[-1]
@@ -127,21 +165,30 @@ def test_lora_run_trains_only_the_adapter(tmp_path, tiny_train_config):
     loaded = PeftModel.from_pretrained(build_student(plain_cfg, torch.device("cpu"))[0], model_dir)
     trained_b = [v for k, v in loaded.state_dict().items() if "lora_B" in k]
     assert trained_b and any((v != 0).any() for v in trained_b), "the adapter did not train (LoRA B starts at 0)"
-    base_after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                  for k, v in loaded.state_dict().items() if "lora_" not in k}
+    base_after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in loaded.state_dict().items()
+        if "lora_" not in k
+    }
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "base weights must stay frozen"
 
 
 def test_update_is_invariant_to_micro_batching(tmp_path, tiny_train_config):
     """One optimizer step on the same batch with micro-batch sizes 8, 3 and 1 (accumulation) gives the
     same parameters: the loss normalizer is the number of loss tokens of the whole step."""
-    cfg = tiny_train_config(tmp_path / "run", "data.prompts_per_step=4", "rollout.max_new_tokens=10",
-                            "optim.max_grad_norm=null", "optim.lr=0.01")
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        "data.prompts_per_step=4",
+        "rollout.max_new_tokens=10",
+        "optim.max_grad_norm=null",
+        "optim.lr=0.01",
+    )
     student, tok = build_student(cfg, torch.device("cpu"))
     teacher = build_teacher(cfg, tok, student, torch.device("cpu"))
     tasks = build_tasks(cfg, tok)
-    batch = Sampler(student, tok, SamplingSettings(max_new_tokens=10, samples_per_prompt=2),
-                    torch.Generator().manual_seed(0)).sample(prompts_for_step(tasks, 4, 0, 1))
+    batch = Sampler(
+        student, tok, SamplingSettings(max_new_tokens=10, samples_per_prompt=2), torch.Generator().manual_seed(0)
+    ).sample(prompts_for_step(tasks, 4, 0, 1))
     # Unequal completion lengths (as if rows had stopped at EOS), so per-micro-batch means would differ.
     for row in range(batch.batch_size):
         cut = batch.prompt_len + 2 + row
@@ -150,8 +197,13 @@ def test_update_is_invariant_to_micro_batching(tmp_path, tiny_train_config):
         batch.sampler_logprobs_B_T[row, cut:] = 0.0
     batch.teacher_logprobs_B_T = teacher.score(batch)
     assert len(set(batch.completion_lengths_B().tolist())) == batch.batch_size
-    adv = advantages(batch.sampler_logprobs_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T,
-                     divergence="jsd", estimator="opd_plus")
+    adv = advantages(
+        batch.sampler_logprobs_B_T,
+        batch.teacher_logprobs_B_T,
+        batch.loss_mask_B_T,
+        divergence="jsd",
+        estimator="opd_plus",
+    )
     initial = {k: v.clone() for k, v in student.state_dict().items()}
     results = {}
     for micro in (8, 3, 1):
@@ -173,8 +225,14 @@ def test_update_is_invariant_to_micro_batching(tmp_path, tiny_train_config):
 def test_resume_in_process_matches_uninterrupted_lora(tmp_path, tiny_train_config):
     """LoRA adapter, optimizer, schedule and RNG states round-trip through a checkpoint; the leftovers of
     a crash (a temp checkpoint dir, a half-written metrics line) are ignored."""
-    lora = ["student.lora.enabled=true", "student.lora.r=4", "optim.lr=0.05", "run.checkpoint_every=1",
-            "rollout.temperature=0.9", "optim.warmup_steps=2"]
+    lora = [
+        "student.lora.enabled=true",
+        "student.lora.r=4",
+        "optim.lr=0.05",
+        "run.checkpoint_every=1",
+        "rollout.temperature=0.9",
+        "optim.warmup_steps=2",
+    ]
     full = train(tiny_train_config(tmp_path / "full", "run.steps=3", *lora))
     part_cfg = tiny_train_config(tmp_path / "part", "run.steps=2", *lora)
     train(part_cfg)
@@ -204,10 +262,15 @@ def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path, tiny_
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"):
+    with pytest.raises(
+        CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"
+    ):
         train(cfg, resume=True)
     (result.checkpoint / "manifest.json").unlink()
-    with pytest.raises(CorruptCheckpointError, match=r"step_00000002 is partial: it has no manifest.json.*previous one is .*step_00000001"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"step_00000002 is partial: it has no manifest.json.*previous one is .*step_00000001",
+    ):
         train(cfg, resume=True)
     (result.checkpoint.parent / "step_00000001" / "trainer_state.pt").write_bytes(b"truncated")
     with pytest.raises(CorruptCheckpointError, match=r"step_00000001 is corrupt: file trainer_state.pt has 9 bytes"):
@@ -238,7 +301,9 @@ class _ChatTask:
     name = "chat_only"
 
     def items(self, split, n, seed=0):
-        return [TaskItem(id=f"{split}-{i}", task=self.name, prompt=[{"role": "user", "content": "hi"}]) for i in range(n)]
+        return [
+            TaskItem(id=f"{split}-{i}", task=self.name, prompt=[{"role": "user", "content": "hi"}]) for i in range(n)
+        ]
 
     def score(self, item, completion):
         return 0.0
@@ -249,8 +314,12 @@ def test_missing_chat_template_is_caught_before_training(tmp_path, tiny_train_co
 
     register_task("chat_only", _ChatTask)
     build_char_tokenizer(chat_template=None).save_pretrained(tmp_path / "plain_tok")
-    cfg = tiny_train_config(tmp_path / "run", "data.tasks=[chat_only]", f"student.tokenizer={tmp_path / 'plain_tok'}",
-                            f"teacher.tokenizer={tmp_path / 'plain_tok'}")
+    cfg = tiny_train_config(
+        tmp_path / "run",
+        "data.tasks=[chat_only]",
+        f"student.tokenizer={tmp_path / 'plain_tok'}",
+        f"teacher.tokenizer={tmp_path / 'plain_tok'}",
+    )
     with pytest.raises(ConfigError, match=r"data.tasks: task 'chat_only'.*no chat template"):
         train(cfg)
     assert read_metrics(tmp_path / "run") == []
@@ -279,8 +348,17 @@ def test_cli(tmp_path, capsys):
     assert main(["train", "--config", preset, "loss.divergance=jsd"]) == 2
     assert "valid keys at loss" in capsys.readouterr().err
     run_dir = tmp_path / "cli_run"
-    args = ["train", "--config", preset, f"run.dir={run_dir}", "run.steps=2", "rollout.max_new_tokens=6",
-            "eval.every=0", "eval.num_prompts=2", "run.progress=plain"]
+    args = [
+        "train",
+        "--config",
+        preset,
+        f"run.dir={run_dir}",
+        "run.steps=2",
+        "rollout.max_new_tokens=6",
+        "eval.every=0",
+        "eval.num_prompts=2",
+        "run.progress=plain",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
     assert "step 2/2" in out.err
@@ -303,12 +381,21 @@ def _mean(rows, key):
 def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward_kl_drifts(tmp_path, tiny_train_config):
     """The loop distils: with OPD+ the student's reverse KL to the teacher falls over 60 small steps (for
     reverse and forward KL), while stop-gradient forward KL drives it up (the collapse DESIGN.md predicts)."""
-    budget = ["run.steps=60", "optim.lr=0.01", "data.prompts_per_step=8", "rollout.samples_per_prompt=4",
-              "loss.micro_batch_size=32"]
+    budget = [
+        "run.steps=60",
+        "optim.lr=0.01",
+        "data.prompts_per_step=8",
+        "rollout.samples_per_prompt=4",
+        "loss.micro_batch_size=32",
+    ]
     trends = {}
     for divergence, estimator in (("reverse_kl", "opd_plus"), ("forward_kl", "opd_plus"), ("forward_kl", "opd")):
-        cfg = tiny_train_config(tmp_path / f"{estimator}-{divergence}", *budget, f"loss.divergence={divergence}",
-                                f"loss.estimator={estimator}")
+        cfg = tiny_train_config(
+            tmp_path / f"{estimator}-{divergence}",
+            *budget,
+            f"loss.divergence={divergence}",
+            f"loss.estimator={estimator}",
+        )
         rows = read_metrics(train(cfg).run_dir)
         trends[estimator, divergence] = (rows[0]["div/reverse_kl"], _mean(rows[-15:], "div/reverse_kl"))
     start = trends["opd_plus", "reverse_kl"][0]
@@ -354,6 +441,14 @@ def test_eval_forward_kl_on_teacher_samples(tiny_train_config, tiny_model_dir, t
     assert math.isfinite(row["eval/forward_kl"]) and row["eval/forward_kl"] > 0.01  # two different random models
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    same = evaluate(model, tokenizer, LocalTeacher(model), {"contains": get_task("contains")}, num_prompts=4,
-                    max_new_tokens=6, seed=0, forward_kl=True)
+    same = evaluate(
+        model,
+        tokenizer,
+        LocalTeacher(model),
+        {"contains": get_task("contains")},
+        num_prompts=4,
+        max_new_tokens=6,
+        seed=0,
+        forward_kl=True,
+    )
     assert abs(same["eval/forward_kl"]) < 1e-4 and abs(same["eval/reverse_kl"]) < 1e-4  # the teacher against itself

@@ -1,5 +1,6 @@
 """Resume exactness: a run killed with SIGKILL after a checkpoint and resumed logs the same metrics as
 an uninterrupted run with the same seed (real subprocesses)."""
+
 import json
 import os
 import signal
@@ -10,15 +11,19 @@ from pathlib import Path
 
 import yaml
 
-
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 
 
 def _config(tmp_path: Path, tiny_run: list[str]) -> Path:
     overrides = [o for o in tiny_run if not o.startswith("run.steps")] + [
-        f"run.steps={STEPS}", "run.checkpoint_every=3", "run.keep_checkpoints=0", "eval.every=4",
-        "optim.schedule=cosine", "optim.warmup_steps=2", "rollout.temperature=0.9",  # scheduler + tempered path
+        f"run.steps={STEPS}",
+        "run.checkpoint_every=3",
+        "run.keep_checkpoints=0",
+        "eval.every=4",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=2",
+        "rollout.temperature=0.9",  # scheduler + tempered path
     ]
     data: dict = {}
     for text in overrides:
@@ -35,8 +40,14 @@ def _config(tmp_path: Path, tiny_run: list[str]) -> Path:
 
 def _train(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "opdplus", "train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "opdplus", "train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict]:

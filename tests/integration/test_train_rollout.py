@@ -1,4 +1,5 @@
 """Sampler, local teacher and the chunked forward on tiny random models."""
+
 import pytest
 import torch
 
@@ -22,8 +23,11 @@ def student(tok):
 
 
 def _items():
-    return [TaskItem(id="a", task="t", prompt="count: 1 2"), TaskItem(id="b", task="t", prompt="hi"),
-            TaskItem(id="c", task="t", prompt=[{"role": "user", "content": "2+2?"}])]
+    return [
+        TaskItem(id="a", task="t", prompt="count: 1 2"),
+        TaskItem(id="b", task="t", prompt="hi"),
+        TaskItem(id="c", task="t", prompt=[{"role": "user", "content": "2+2?"}]),
+    ]
 
 
 def _sample(student, tok, seed=0, **settings):
@@ -36,7 +40,7 @@ def test_rollout_batch_layout(student, tok):
     B, T = batch.input_ids_B_T.shape
     assert B == 6 and batch.prompt_len == max(len(ids) for ids in tokenize_prompts(tok, _items()))
     assert T <= batch.prompt_len + 12
-    assert not batch.loss_mask_B_T[:, :batch.prompt_len].any(), "prompt tokens never count"
+    assert not batch.loss_mask_B_T[:, : batch.prompt_len].any(), "prompt tokens never count"
     assert (batch.loss_mask_B_T <= batch.attention_mask_B_T).all(), "padding never counts"
     assert (batch.sampler_logprobs_B_T[~batch.loss_mask_B_T] == 0).all()
     assert (batch.sampler_logprobs_B_T[batch.loss_mask_B_T] < 0).all()
@@ -53,16 +57,23 @@ def test_rollout_batch_layout(student, tok):
 
 def test_sampler_logprobs_equal_a_full_forward_of_the_student(student, tok):
     batch = _sample(student, tok)
-    recomputed = completion_logprobs(student, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len, chunk_size=5)
-    torch.testing.assert_close(recomputed.where(batch.loss_mask_B_T, 0.0), batch.sampler_logprobs_B_T, atol=1e-5, rtol=0)
+    recomputed = completion_logprobs(
+        student, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len, chunk_size=5
+    )
+    torch.testing.assert_close(
+        recomputed.where(batch.loss_mask_B_T, 0.0), batch.sampler_logprobs_B_T, atol=1e-5, rtol=0
+    )
 
 
 def test_tempered_sampler_records_tempered_logprobs(student, tok):
     with pytest.warns(UserWarning, match="off-policy"):
         batch = _sample(student, tok, temperature=0.7)
-    recomputed = completion_logprobs(student, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len,
-                                     temperature=0.7)
-    torch.testing.assert_close(recomputed.where(batch.loss_mask_B_T, 0.0), batch.sampler_logprobs_B_T, atol=1e-5, rtol=0)
+    recomputed = completion_logprobs(
+        student, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len, temperature=0.7
+    )
+    torch.testing.assert_close(
+        recomputed.where(batch.loss_mask_B_T, 0.0), batch.sampler_logprobs_B_T, atol=1e-5, rtol=0
+    )
 
 
 def test_sampler_is_deterministic_per_generator_seed(student, tok):
@@ -73,11 +84,14 @@ def test_sampler_is_deterministic_per_generator_seed(student, tok):
 
 def test_top_k_one_is_greedy(student, tok):
     batch = _sample(student, tok, top_k=1, max_new_tokens=6)
-    logits = student(input_ids=batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T.long(),
-                     position_ids=(batch.attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)).logits
-    greedy = logits[:, batch.prompt_len - 1:-1].argmax(-1)
-    completion = batch.input_ids_B_T[:, batch.prompt_len:]
-    mask = batch.loss_mask_B_T[:, batch.prompt_len:]
+    logits = student(
+        input_ids=batch.input_ids_B_T,
+        attention_mask=batch.attention_mask_B_T.long(),
+        position_ids=(batch.attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0),
+    ).logits
+    greedy = logits[:, batch.prompt_len - 1 : -1].argmax(-1)
+    completion = batch.input_ids_B_T[:, batch.prompt_len :]
+    mask = batch.loss_mask_B_T[:, batch.prompt_len :]
     assert torch.equal(completion[mask], greedy[mask])
     assert torch.allclose(batch.sampler_logprobs_B_T[batch.loss_mask_B_T], torch.zeros(()), atol=1e-6)
 
@@ -88,8 +102,8 @@ def test_padding_side_does_not_change_scores(student, tok):
     right_ids = torch.full_like(left_ids, tok.pad_token_id)
     right_mask = torch.zeros_like(left_mask)
     for i, r in enumerate(rows):
-        right_ids[i, :len(r)] = torch.tensor(r)
-        right_mask[i, :len(r)] = True
+        right_ids[i, : len(r)] = torch.tensor(r)
+        right_mask[i, : len(r)] = True
     left = completion_logprobs(student, left_ids, left_mask, 1)
     right = completion_logprobs(student, right_ids, right_mask, 1)
     torch.testing.assert_close(left[1, 4:], right[1, 1:3], atol=1e-5, rtol=0)  # same tokens 12, 13
@@ -120,6 +134,7 @@ def test_local_teacher_is_frozen_and_scores_like_a_forward(tok):
 
 class _ExactTextTask:
     """Scores 1 when the completion equals ``expected[prompt]``."""
+
     name = "exact_text"
 
     def __init__(self, expected):
@@ -140,7 +155,7 @@ def _greedy_text(model, tok, prompt, max_new_tokens):
         ids.append(next_id)
         if next_id == tok.eos_token_id:
             break
-    return tok.decode(ids[len(tok(prompt).input_ids):], skip_special_tokens=True)
+    return tok.decode(ids[len(tok(prompt).input_ids) :], skip_special_tokens=True)
 
 
 def test_eval_hook_scores_greedy_or_sampled_completions(student, tok):

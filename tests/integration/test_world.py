@@ -1,4 +1,5 @@
 """The demo world's build path at a micro budget (a few steps, not to 95%): tokenizer, models, cache."""
+
 import json
 
 import pytest
@@ -82,10 +83,20 @@ def test_greedy_complete_batching_and_padding_do_not_matter(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # a random model with large weights: its greedy output depends on every prompt token
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, initializer_range=0.5, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            initializer_range=0.5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     prompts = [item.prompt for name in MICRO.tasks for item in get_task(name).items("eval", 3)]  # lengths differ
     tokenizer.padding_side = "right"
     batched = greedy_complete(model, tokenizer, prompts, max_new_tokens=6)

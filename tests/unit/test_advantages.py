@@ -1,4 +1,5 @@
 """opdplus.advantages: closed forms, horizon, masking, clipping, numerics and input errors."""
+
 import pytest
 import torch
 
@@ -7,7 +8,9 @@ from opdplus.ops.advantages import discounted_returns, log_ratio_clip_fraction
 from opdplus.ops.divergences import divergence_names, get_divergence
 
 DIVS = [get_divergence(n, **({"alpha": 0.5} if n == "alpha" else {})) for n in divergence_names()] + [
-    get_divergence("alpha", alpha=-2.0), get_divergence("alpha", alpha=4.0)]
+    get_divergence("alpha", alpha=-2.0),
+    get_divergence("alpha", alpha=4.0),
+]
 
 
 def token_batch(seed=0, B=3, T=5, dtype=torch.float64):
@@ -25,13 +28,21 @@ def test_opd_plus_gamma0_matches_design_table():
     u = l.exp()
     a = 0.5
     table = {
-        "reverse_kl": l - 1, "forward_kl": u, "jsd": 0.5 * torch.log((1 + u) / 2),
-        "total_variation": 0.5 * torch.sign(u - 1), "hellinger": u.sqrt() - 1, "pearson_chi2": u ** 2 - 1,
-        "neyman_chi2": 2 - 2 / u, "alpha": (u ** a - 1) / a, "jeffreys": l + u - 1,
+        "reverse_kl": l - 1,
+        "forward_kl": u,
+        "jsd": 0.5 * torch.log((1 + u) / 2),
+        "total_variation": 0.5 * torch.sign(u - 1),
+        "hellinger": u.sqrt() - 1,
+        "pearson_chi2": u**2 - 1,
+        "neyman_chi2": 2 - 2 / u,
+        "alpha": (u**a - 1) / a,
+        "jeffreys": l + u - 1,
     }
     for name, expected in table.items():
         params = {"alpha": a} if name == "alpha" else {}
-        got = opdplus.advantages(student, teacher, mask, divergence=get_divergence(name, **params), estimator="opd_plus")
+        got = opdplus.advantages(
+            student, teacher, mask, divergence=get_divergence(name, **params), estimator="opd_plus"
+        )
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -53,8 +64,9 @@ def test_gamma_one_is_reverse_cumsum_and_gamma_discounts_over_loss_tokens_only()
     torch.testing.assert_close(full, -torch.tensor([[1 + 2 + 4 + 5, 2 + 4 + 5, 0, 4 + 5, 5]], dtype=torch.float64))
     half = opdplus.advantages(student, teacher, mask, divergence="reverse_kl", estimator="opd", gamma=0.5)
     # the masked token does not advance time: from position 1 the next loss token is one step away
-    expected = -torch.tensor([[1 + 0.5 * 2 + 0.25 * 4 + 0.125 * 5, 2 + 0.5 * 4 + 0.25 * 5, 0, 4 + 0.5 * 5, 5]],
-                             dtype=torch.float64)
+    expected = -torch.tensor(
+        [[1 + 0.5 * 2 + 0.25 * 4 + 0.125 * 5, 2 + 0.5 * 4 + 0.25 * 5, 0, 4 + 0.5 * 5, 5]], dtype=torch.float64
+    )
     torch.testing.assert_close(half, expected)
     plus = opdplus.advantages(student, teacher, mask, divergence="reverse_kl", estimator="opd_plus", gamma=1.0)
     torch.testing.assert_close(plus, torch.where(mask, full - 1, torch.zeros_like(full)))
@@ -75,8 +87,9 @@ def test_masked_positions_are_zero_and_do_not_leak():
             adv = opdplus.advantages(student, teacher, mask, divergence=div, estimator="opd_plus", gamma=gamma)
             assert torch.isfinite(adv).all()
             assert (adv[~mask] == 0).all()
-            clean = opdplus.advantages(student[1:], teacher[1:], mask[1:], divergence=div, estimator="opd_plus",
-                                       gamma=gamma)
+            clean = opdplus.advantages(
+                student[1:], teacher[1:], mask[1:], divergence=div, estimator="opd_plus", gamma=gamma
+            )
             torch.testing.assert_close(adv[1:], clean)
 
 
@@ -100,8 +113,9 @@ def test_log_ratio_clip_bounds_l_first_and_fraction_is_reported():
     student = torch.zeros(1, 4, dtype=torch.float64)
     teacher = torch.tensor([[-10.0, -1.0, 1.0, 10.0]], dtype=torch.float64)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    clipped = opdplus.advantages(student, teacher, mask, divergence="forward_kl", estimator="opd_plus",
-                                 log_ratio_clip=2.0)
+    clipped = opdplus.advantages(
+        student, teacher, mask, divergence="forward_kl", estimator="opd_plus", log_ratio_clip=2.0
+    )
     torch.testing.assert_close(clipped, teacher.clamp(-2, 2).exp())  # forward_kl OPD+ advantage is u
     assert float(log_ratio_clip_fraction(student, teacher, mask, 2.0)) == 0.5
     assert float(log_ratio_clip_fraction(student, teacher, mask, None)) == 0.0

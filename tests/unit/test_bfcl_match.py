@@ -1,5 +1,6 @@
 """The BFCL call parser and AST matcher: hand-written cases for every rule, then real BFCL v4 items
 checked against BFCL's own checker (the reference twin in tests/bfcl_reference.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -91,11 +92,15 @@ def test_parse_syntaxes(text):
 def test_parse_several_calls_and_values():
     calls = parse_calls("[f(a=(1, 2), b=-3, c=None, d={'k': [1]}), g.h(x=some_var, y='s')]")
     assert calls == [{"f": {"a": [1, 2], "b": -3, "c": None, "d": {"k": [1]}}}, {"g.h": {"x": "some_var", "y": "s"}}]
-    tagged = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"g\", \"arguments\": {}}</tool_call>"
+    tagged = (
+        '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    )
     assert parse_calls(tagged) == [{"f": {}}, {"g": {}}]
 
 
-@pytest.mark.parametrize("text", ["[calc.area(base=10, height=", "calc.area(10, 5)", '{"name": "f", "arguments": [1]}', "[1, 2]"])
+@pytest.mark.parametrize(
+    "text", ["[calc.area(base=10, height=", "calc.area(10, 5)", '{"name": "f", "arguments": [1]}', "[1, 2]"]
+)
 def test_parse_malformed_is_none(text):
     assert parse_calls(text) is None
 
@@ -165,7 +170,10 @@ def test_lists_dicts_and_tuples():
 
 
 def test_variable_reference_accepted_when_answer_uses_one():
-    function = {"name": "f", "parameters": {"type": "dict", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+    function = {
+        "name": "f",
+        "parameters": {"type": "dict", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+    }
     answer = [{"f": {"x": ["n"]}}]  # the answer refers to a variable by name
     assert match_calls([function], parse_calls("f(x=n)"), answer, "simple_python")[0]
     assert not match_calls([function], parse_calls("f(x=m)"), answer, "simple_python")[0]
@@ -227,7 +235,7 @@ def _first(value):
 def _calls_from_answer(answer, rng):
     calls = []
     for call in answer:
-        (name, params), = call.items()
+        ((name, params),) = call.items()
         args = {k: _first(rng.choice(v)) for k, v in params.items() if v}
         calls.append({name: {k: v for k, v in args.items() if v != ""}})
     return calls
@@ -236,7 +244,7 @@ def _calls_from_answer(answer, rng):
 def _mutate(calls, rng):
     calls = copy.deepcopy(calls)
     i = rng.randrange(len(calls))
-    (name, args), = calls[i].items()
+    ((name, args),) = calls[i].items()
     kind = rng.choice(["drop", "value", "str", "extra", "name", "shuffle", "missing"])
     keys = sorted(args)
     if kind == "drop" and keys:

@@ -1,4 +1,5 @@
 """Chunked per-position divergences agree with their naive full-logit twins (values and gradients)."""
+
 import pytest
 import torch
 
@@ -30,8 +31,9 @@ def grads(value, student_head, student_hidden):
 def test_chunked_exact_matches_naive(divergence, chunk_size):
     student_head, teacher_head, student_hidden, teacher_hidden = setup()
     naive = exact_divergence(student_head(student_hidden), teacher_head(teacher_hidden), divergence)
-    chunked = chunked_exact_divergence(student_hidden, student_head, teacher_hidden, teacher_head, divergence,
-                                       chunk_size=chunk_size)
+    chunked = chunked_exact_divergence(
+        student_hidden, student_head, teacher_hidden, teacher_head, divergence, chunk_size=chunk_size
+    )
     torch.testing.assert_close(chunked, naive, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads(chunked, student_head, student_hidden), grads(naive, student_head, student_hidden)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
 """The ``opdplus`` console script: top-level and per-command ``--help`` work and list every command."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Combining per-process metrics into the global ones (what rank 0 writes)."""
+
 import math
 
 import pytest
@@ -7,10 +8,24 @@ from opdplus.train.distributed import combine_metrics
 
 
 def test_sums_extremes_weighted_means_and_pooled_std():
-    a = {"perf/sample_tok_s": 10.0, "rollout/tokens": 30.0, "rollout/len_max": 7.0, "adv/min": -1.0,
-         "div/reverse_kl": 0.5, "adv/mean": 0.0, "adv/std": 1.0}
-    b = {"perf/sample_tok_s": 20.0, "rollout/tokens": 10.0, "rollout/len_max": 9.0, "adv/min": -3.0,
-         "div/reverse_kl": 1.5, "adv/mean": 2.0, "adv/std": 1.0}
+    a = {
+        "perf/sample_tok_s": 10.0,
+        "rollout/tokens": 30.0,
+        "rollout/len_max": 7.0,
+        "adv/min": -1.0,
+        "div/reverse_kl": 0.5,
+        "adv/mean": 0.0,
+        "adv/std": 1.0,
+    }
+    b = {
+        "perf/sample_tok_s": 20.0,
+        "rollout/tokens": 10.0,
+        "rollout/len_max": 9.0,
+        "adv/min": -3.0,
+        "div/reverse_kl": 1.5,
+        "adv/mean": 2.0,
+        "adv/std": 1.0,
+    }
     out = combine_metrics([(30.0, a), (10.0, b)])
     assert out["perf/sample_tok_s"] == 30.0 and out["rollout/tokens"] == 40.0
     assert out["rollout/len_max"] == 9.0 and out["adv/min"] == -3.0

@@ -1,4 +1,6 @@
 """Config: presets, overrides, type checks, validation errors, YAML round trip."""
+
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_every_training_preset_loads_and_validates():
     """Every YAML in configs/ is a training preset, except sweep specs (a top-level ``grid``)."""
-    presets = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "grid" not in (yaml.safe_load(p.read_text()) or {})]
+    presets = [
+        p for p in sorted((REPO / "configs").glob("*.yaml")) if "grid" not in (yaml.safe_load(p.read_text()) or {})
+    ]
     assert REPO / "configs" / "tiny.yaml" in presets
     for preset in presets:
         assert isinstance(load_config(preset), TrainConfig), preset
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "configs/tiny.yaml", [
-        "loss.divergence=jsd", "loss.estimator=opd", "optim.lr=3e-4", "run.steps=7", "loss.log_ratio_clip=null",
-        "data.tasks=[contains]", "student.lora.enabled=true", "data.task_options={contains: {target: b}}",
-    ])
+    cfg = load_config(
+        REPO / "configs/tiny.yaml",
+        [
+            "loss.divergence=jsd",
+            "loss.estimator=opd",
+            "optim.lr=3e-4",
+            "run.steps=7",
+            "loss.log_ratio_clip=null",
+            "data.tasks=[contains]",
+            "student.lora.enabled=true",
+            "data.task_options={contains: {target: b}}",
+        ],
+    )
     assert cfg.loss.divergence == "jsd" and cfg.loss.estimator == "opd"
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.run.steps == 7 and cfg.loss.log_ratio_clip is None
@@ -67,33 +80,39 @@ def test_unknown_key_lists_valid_keys():
         load_config(None, ["student.lora.rank=4"])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lr=fast", r"optim.lr: expected float, got str 'fast'"),
-    ("run.steps=2.5", r"run.steps: expected int, got float 2.5"),
-    ("run.steps=true", r"run.steps: expected int, got bool True"),
-    ("student.lora.enabled=1", r"student.lora.enabled: expected bool, got int 1"),
-    ("data.tasks=contains", r"data.tasks: expected a list"),
-    ("loss=3", r"loss: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=fast", r"optim.lr: expected float, got str 'fast'"),
+        ("run.steps=2.5", r"run.steps: expected int, got float 2.5"),
+        ("run.steps=true", r"run.steps: expected int, got bool True"),
+        ("student.lora.enabled=1", r"student.lora.enabled: expected bool, got int 1"),
+        ("data.tasks=contains", r"data.tasks: expected a list"),
+        ("loss=3", r"loss: expected a mapping"),
+    ],
+)
 def test_wrong_types(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("loss.divergence=kl", r"unknown; valid divergences: reverse_kl, forward_kl"),
-    ("loss.estimator=ppo", r"loss.estimator='ppo' is not one of: opd, opd_plus"),
-    ("loss.gamma=1.5", r"loss.gamma must be in \[0, 1\]"),
-    ("loss.clip_eps=1.5", r"loss.clip_eps must be in \(0, 1\)"),
-    ("rollout.temperature=0", r"rollout.temperature must be > 0"),
-    ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
-    ("run.steps=0", r"run.steps must be >= 1 \(or 0 with eval.at_start=true"),
-    ("student.dtype=fp8", r"student.dtype='fp8' is not one of: float32, bfloat16, float16"),
-    ("run.device=tpu", r"run.device='tpu'"),
-    ("optim.schedule=step", r"optim.schedule='step' is not one of"),
-    ("data.task_options={other: {}}", r"data.task_options names tasks not in data.tasks: other"),
-    ("run.progress=fancy", r"run.progress='fancy'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.divergence=kl", r"unknown; valid divergences: reverse_kl, forward_kl"),
+        ("loss.estimator=ppo", r"loss.estimator='ppo' is not one of: opd, opd_plus"),
+        ("loss.gamma=1.5", r"loss.gamma must be in \[0, 1\]"),
+        ("loss.clip_eps=1.5", r"loss.clip_eps must be in \(0, 1\)"),
+        ("rollout.temperature=0", r"rollout.temperature must be > 0"),
+        ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\]"),
+        ("run.steps=0", r"run.steps must be >= 1 \(or 0 with eval.at_start=true"),
+        ("student.dtype=fp8", r"student.dtype='fp8' is not one of: float32, bfloat16, float16"),
+        ("run.device=tpu", r"run.device='tpu'"),
+        ("optim.schedule=step", r"optim.schedule='step' is not one of"),
+        ("data.task_options={other: {}}", r"data.task_options names tasks not in data.tasks: other"),
+        ("run.progress=fancy", r"run.progress='fancy'"),
+    ],
+)
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -118,7 +137,7 @@ def test_yaml_round_trip_is_exact(tmp_path):
 
 def test_config_is_frozen_and_with_overrides_copies():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.run.steps = 3  # type: ignore[misc]
     other = with_overrides(cfg, ["run.steps=3"])
     assert other.run.steps == 3 and cfg.run.steps == TrainConfig().run.steps

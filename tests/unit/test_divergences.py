@@ -1,4 +1,5 @@
 """Divergence values against independent references, properties, and u f'(u) against autograd."""
+
 import math
 
 import numpy as np
@@ -8,11 +9,27 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import kl_div, rel_entr
 
 import opdplus
-from opdplus.ops.divergences import divergence_from_f, divergence_names, get_divergence, register_divergence, unregister_divergence
+from opdplus.ops.divergences import (
+    divergence_from_f,
+    divergence_names,
+    get_divergence,
+    register_divergence,
+    unregister_divergence,
+)
 
-ALL = [("reverse_kl", {}), ("forward_kl", {}), ("jsd", {}), ("total_variation", {}), ("hellinger", {}),
-       ("pearson_chi2", {}), ("neyman_chi2", {}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": -1.5}),
-       ("alpha", {"alpha": 3.0}), ("jeffreys", {})]
+ALL = [
+    ("reverse_kl", {}),
+    ("forward_kl", {}),
+    ("jsd", {}),
+    ("total_variation", {}),
+    ("hellinger", {}),
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+    ("alpha", {"alpha": 0.5}),
+    ("alpha", {"alpha": -1.5}),
+    ("alpha", {"alpha": 3.0}),
+    ("jeffreys", {}),
+]
 IDS = [name + ("" if not p else f"({p['alpha']})") for name, p in ALL]
 
 
@@ -43,7 +60,7 @@ def reference(name, params, p, q):
         return ((p - q) ** 2 / q).sum(-1)
     if name == "alpha":
         a = params["alpha"]
-        return ((p ** (1 - a) * q ** a).sum(-1) - 1.0) / (a * (a - 1))
+        return ((p ** (1 - a) * q**a).sum(-1) - 1.0) / (a * (a - 1))
     if name == "jeffreys":
         return rel_entr(p, q).sum(-1) + rel_entr(q, p).sum(-1)
     raise AssertionError(name)
@@ -114,7 +131,7 @@ def test_f_matches_design_table_closed_forms():
     for name, value in expected.items():
         torch.testing.assert_close(get_divergence(name).f(l), value, rtol=1e-12, atol=1e-12)
     a = 0.3
-    torch.testing.assert_close(get_divergence("alpha", alpha=a).f(l), (u ** a - a * u - (1 - a)) / (a * (a - 1)))
+    torch.testing.assert_close(get_divergence("alpha", alpha=a).f(l), (u**a - a * u - (1 - a)) / (a * (a - 1)))
 
 
 def test_unknown_name_lists_valid_names():
@@ -149,7 +166,10 @@ def test_custom_divergence_from_f_alone():
         student_logits, teacher_logits = random_distributions(5)
         torch.testing.assert_close(
             opdplus.exact_divergence(student_logits[None], teacher_logits[None], "my_chi2"),
-            opdplus.exact_divergence(student_logits[None], teacher_logits[None], "pearson_chi2"), rtol=1e-9, atol=0)
+            opdplus.exact_divergence(student_logits[None], teacher_logits[None], "pearson_chi2"),
+            rtol=1e-9,
+            atol=0,
+        )
         with pytest.raises(ValueError, match="already registered"):
             register_divergence("my_chi2", lambda u: (u - 1) ** 2)
     finally:

@@ -1,5 +1,6 @@
 """DynamicBatcher without a model: batching under a token budget, cancelled requests skipped,
 a failing forward fails only its batch, a full queue answers ServerBusy."""
+
 from __future__ import annotations
 
 import asyncio

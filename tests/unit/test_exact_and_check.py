@@ -1,4 +1,5 @@
 """exact_divergence gradients (gradcheck) and the enumeration check of the estimators."""
+
 import json
 
 import pytest
@@ -56,8 +57,9 @@ def test_enumeration_opd_plus_is_exact_for_every_divergence(rows, label):
 def test_enumeration_detects_a_wrong_correction_term():
     """A divergence whose u f'(u) is wrong (here: halved) must fail the check, so the check can fail."""
     good = get_divergence("forward_kl")
-    bad = Divergence(name="bad", direction="test", f=good.f, u_fprime=lambda l: 0.5 * good.u_fprime(l),
-                     weighted=good.weighted)
+    bad = Divergence(
+        name="bad", direction="test", f=good.f, u_fprime=lambda l: 0.5 * good.u_fprime(l), weighted=good.weighted
+    )
     problem = check.TabularProblem.build(3, 2)
     gen = torch.Generator().manual_seed(1)
     student = torch.randn(len(problem.context_prefixes), 3, generator=gen, dtype=torch.float64)

@@ -1,5 +1,6 @@
 """HTTPTeacher against an in-process fake server (httpx.MockTransport): realignment, both vLLM
 response shapes, retries with backoff, clear errors. No sockets, no model."""
+
 from __future__ import annotations
 
 import json
@@ -57,11 +58,13 @@ class FakeServer:
         self.bodies.append(json.loads(request.content))
         if len(self.bodies) <= self.fail_first:
             return httpx.Response(self.fail_status, json={"error": {"message": "overloaded"}})
-        req = parse_completion_request(self.bodies[-1], limits=ServerLimits(), vocab_size=VOCAB,
-                                       model_name="fake-teacher")
+        req = parse_completion_request(
+            self.bodies[-1], limits=ServerLimits(), vocab_size=VOCAB, model_name="fake-teacher"
+        )
         scores = [fake_scores(p, req.top_k) for p in req.prompts]
-        payload = format_completion_response(req, scores, model_name="fake-teacher", decode=str,
-                                             decode_text=lambda ids: "")
+        payload = format_completion_response(
+            req, scores, model_name="fake-teacher", decode=str, decode_text=lambda ids: ""
+        )
         if self.drop:
             for choice in payload["choices"]:
                 choice[self.drop] = None
@@ -79,8 +82,9 @@ def make_batch() -> RolloutBatch:
         attn.append([False] * pad_left + [True] * (len(p) + len(c)) + [False] * pad_right)
         loss.append([False] * 4 + [True] * len(c) + [False] * pad_right)
     ids = torch.tensor(rows)
-    return RolloutBatch(ids, torch.tensor(attn), torch.tensor(loss), torch.zeros(ids.shape), prompt_len=4,
-                        tasks=["a", "b", "a"])
+    return RolloutBatch(
+        ids, torch.tensor(attn), torch.tensor(loss), torch.zeros(ids.shape), prompt_len=4, tasks=["a", "b", "a"]
+    )
 
 
 def expected_scores(batch: RolloutBatch) -> torch.Tensor:
@@ -110,8 +114,9 @@ def test_scores_are_realigned_with_the_padded_batch(shape: str, rows_per_request
     assert got[~batch.loss_mask_B_T].abs().max() == 0
     sent = [ids for body in server.bodies for ids in body["prompt"]]
     assert sent == [[1, 2, 3, 4, 10, 11, 12], [5, 6, 13]]  # padding stripped; the row without loss tokens skipped
-    assert all(body["echo"] is True and body["max_tokens"] == 0 and body["model"] == "fake-teacher"
-               for body in server.bodies)
+    assert all(
+        body["echo"] is True and body["max_tokens"] == 0 and body["model"] == "fake-teacher" for body in server.bodies
+    )
 
 
 @pytest.mark.parametrize("dropped", ["prompt_logprobs", "logprobs"])
@@ -128,7 +133,9 @@ def test_retries_5xx_with_backoff_then_succeeds() -> None:
     with teacher_for(server, max_retries=3, rows_per_request=8) as teacher:
         got = teacher.score(batch)
         assert teacher.metrics()["retries"] == 2
-        assert teacher.metrics(reset=True)["rows"] == int(batch.loss_mask_B_T.any(1).sum())  # rows with loss tokens are sent
+        assert teacher.metrics(reset=True)["rows"] == int(
+            batch.loss_mask_B_T.any(1).sum()
+        )  # rows with loss tokens are sent
         assert teacher.metrics() == {"requests": 0, "retries": 0, "rows": 0, "tokens": 0, "seconds": 0.0}
     torch.testing.assert_close(got, expected_scores(batch), rtol=0, atol=1e-6)
 
@@ -156,8 +163,9 @@ def test_connection_errors_are_retried() -> None:
         calls.append(request)
         raise httpx.ConnectError("connection refused")
 
-    teacher = HTTPTeacher("http://127.0.0.1:9/v1", model="m", max_retries=2, backoff_s=0.001,
-                          transport=httpx.MockTransport(refuse))
+    teacher = HTTPTeacher(
+        "http://127.0.0.1:9/v1", model="m", max_retries=2, backoff_s=0.001, transport=httpx.MockTransport(refuse)
+    )
     with pytest.raises(TeacherUnavailableError, match=r"127.0.0.1:9/v1/completions.*ConnectError"):
         teacher.score(make_batch())
     assert len(calls) == 3

@@ -1,4 +1,5 @@
 """Chunked target-token log-probs against the naive full-vocabulary twin; sampler distributions."""
+
 import pytest
 import torch
 
@@ -22,8 +23,9 @@ def _setup(B=2, T=7, H=5, V=11, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (1.0, 2.0)])
 def test_chunked_matches_naive_values_and_gradients(chunk_size, temperature, softcap):
     hidden, weight, targets = _setup()
-    chunked = chunked_target_logprobs(hidden, lambda h: h @ weight.T, targets, chunk_size=chunk_size,
-                                      temperature=temperature, logit_softcap=softcap)
+    chunked = chunked_target_logprobs(
+        hidden, lambda h: h @ weight.T, targets, chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap
+    )
     logits = hidden @ weight.T
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
@@ -85,4 +87,4 @@ def test_sampling_logprobs_top_k_and_top_p():
     torch.testing.assert_close(sampling_logprobs(logits, top_p=0.5).exp(), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     # both: top_k first, then the nucleus of the renormalised rest
     torch.testing.assert_close(sampling_logprobs(logits, top_k=3, top_p=0.99).exp().sum(-1), torch.tensor([1.0]))
-    assert (sampling_logprobs(logits, top_k=3)[0, 3] == float("-inf"))
+    assert sampling_logprobs(logits, top_k=3)[0, 3] == float("-inf")

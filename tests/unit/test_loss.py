@@ -1,4 +1,5 @@
 """opdplus.policy_loss: on-policy gradient, micro-batch invariance, clipping, masking, errors."""
+
 import pytest
 import torch
 
@@ -41,8 +42,9 @@ def test_micro_batches_with_global_normalizer_give_the_same_gradient(clip_eps):
         normalizer = mask.sum()
         for rows in row_groups:
             student = logprobs_of(theta[rows], tokens[rows])
-            opdplus.policy_loss(student, sampler[rows], adv[rows], mask[rows], clip_eps=clip_eps,
-                                normalizer=normalizer).backward()
+            opdplus.policy_loss(
+                student, sampler[rows], adv[rows], mask[rows], clip_eps=clip_eps, normalizer=normalizer
+            ).backward()
         return theta.grad
 
     full = grad_of([slice(0, 4)])

@@ -1,4 +1,5 @@
 """Final-answer extraction and math-verify checking, plus the fixed train/eval split of the math tasks."""
+
 from __future__ import annotations
 
 import importlib.util

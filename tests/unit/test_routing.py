@@ -1,4 +1,5 @@
 """RoutedTeacher: each row scored by its task's teacher, clear errors, per-teacher metrics."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def make_batch(tasks: list[str]) -> RolloutBatch:
     loss = torch.zeros(b, t, dtype=torch.bool)
     loss[:, 3:] = True
     loss[0, 5] = False
-    return RolloutBatch(ids, attn, loss, torch.zeros(b, t), prompt_len=3, tasks=tasks,
-                        meta=[{"row": i} for i in range(b)])
+    return RolloutBatch(
+        ids, attn, loss, torch.zeros(b, t), prompt_len=3, tasks=tasks, meta=[{"row": i} for i in range(b)]
+    )
 
 
 @pytest.mark.parametrize("concurrent", [False, True])

@@ -1,4 +1,5 @@
 """Top-k / exact teacher signals: top-k vs exact, and the horizon rule checked by enumeration."""
+
 import pytest
 import torch
 
@@ -26,8 +27,7 @@ def test_topk_equals_exact_when_tail_holds_at_most_one_token(div):
     exact = opdplus.exact_divergence(student.double(), teacher.double(), div)
     for k in (6, 5):  # k = V and k = V - 1
         ids, values = teacher_topk(teacher.double(), k)  # the tail is 1 - sum: needs float64 top-k
-        torch.testing.assert_close(topk_divergence(student.double(), ids, values, div), exact,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(topk_divergence(student.double(), ids, values, div), exact, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("div", DIVS, ids=lambda d: d.label)
@@ -48,7 +48,7 @@ def test_topk_finite_when_teacher_is_certain():
     ids, values = teacher_topk(teacher, 1)
     for div in DIVS:
         value = topk_divergence(student, ids, values, div)
-        grad, = torch.autograd.grad(value.sum(), student)
+        (grad,) = torch.autograd.grad(value.sum(), student)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all(), div.label
 
 
@@ -73,9 +73,18 @@ def exact_signal_gradient(div, gamma, student_logits, teacher_logits, problem):
     student_logprobs_Y_D = check.token_logprobs(theta, problem)
     weight_Y = student_logprobs_Y_D.detach().sum(-1).exp()
     mask = torch.ones(1, problem.depth, dtype=torch.bool)
-    total = sum(weight_Y[y] * per_position_divergence_loss(
-        divergence_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1], student_logprobs_Y_D[y:y + 1].detach(), mask,
-        gamma=gamma, normalizer=1.0) for y in range(len(weight_Y)))
+    total = sum(
+        weight_Y[y]
+        * per_position_divergence_loss(
+            divergence_Y_D[y : y + 1],
+            student_logprobs_Y_D[y : y + 1],
+            student_logprobs_Y_D[y : y + 1].detach(),
+            mask,
+            gamma=gamma,
+            normalizer=1.0,
+        )
+        for y in range(len(weight_Y))
+    )
     (grad,) = torch.autograd.grad(total, theta)
     return grad
 
@@ -84,8 +93,11 @@ def tabular(seed):
     problem = check.TabularProblem.build(3, 3)
     gen = torch.Generator().manual_seed(seed)
     n = len(problem.context_prefixes)
-    return (problem, 1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
-            1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64))
+    return (
+        problem,
+        1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
+        1.5 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0])

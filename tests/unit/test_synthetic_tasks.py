@@ -1,4 +1,5 @@
 """Synthetic math and tool-use tasks: generators (deterministic, disjoint splits) and exact scorers."""
+
 import json
 import re
 
@@ -29,7 +30,11 @@ def test_registered_and_implements_task(name):
 @pytest.mark.parametrize("name", TASKS)
 def test_items_deterministic_per_seed(name):
     task = get_task(name)
-    first, again, other = task.items("train", 50, seed=3), task.items("train", 50, seed=3), task.items("train", 50, seed=4)
+    first, again, other = (
+        task.items("train", 50, seed=3),
+        task.items("train", 50, seed=3),
+        task.items("train", 50, seed=4),
+    )
     assert [i.prompt for i in first] == [i.prompt for i in again]
     assert [i.answer for i in first] == [i.answer for i in again]
     assert [i.prompt for i in first] != [i.prompt for i in other]
@@ -97,7 +102,10 @@ def _alarm_item(arguments):
 
 
 def _temp_item(arguments):
-    return {"name": "set_temperature", "arguments": arguments}, [TOOLS["set_temperature"].schema(), TOOLS["play_music"].schema()]
+    return {"name": "set_temperature", "arguments": arguments}, [
+        TOOLS["set_temperature"].schema(),
+        TOOLS["play_music"].schema(),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """Run outputs: atomic checkpoints (manifest verification, pruning, interrupted saves) and metrics.jsonl."""
+
 import json
 
 import pytest
@@ -12,8 +13,14 @@ def _save(run_dir, step, payload=b"weights", keep=0):
         directory.mkdir()
         (directory / "model.safetensors").write_bytes(payload)
 
-    return ckpt.save_checkpoint(run_dir, step, write_model=write_model, trainer_state={"step": step, "x": torch.ones(2)},
-                                config_yaml="run: {}\n", keep=keep)
+    return ckpt.save_checkpoint(
+        run_dir,
+        step,
+        write_model=write_model,
+        trainer_state={"step": step, "x": torch.ones(2)},
+        config_yaml="run: {}\n",
+        keep=keep,
+    )
 
 
 def test_save_verify_load(tmp_path):
@@ -41,7 +48,9 @@ def test_damage_is_detected_and_named(tmp_path):
     _save(tmp_path, 1)
     path = _save(tmp_path, 2)
     (path / "model" / "model.safetensors").write_bytes(b"weightz")
-    with pytest.raises(ckpt.CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"):
+    with pytest.raises(
+        ckpt.CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"
+    ):
         ckpt.verify_checkpoint(path)
     with pytest.raises(ckpt.CorruptCheckpointError, match=r"previous one is .*step_00000001"):
         ckpt.latest_checkpoint(tmp_path)
