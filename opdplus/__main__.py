@@ -1,5 +1,5 @@
 import sys
 
-from opdplus.cli import main
+from opdplus.commands import main
 
 sys.exit(main())

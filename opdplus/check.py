@@ -1,4 +1,4 @@
-"""`opdplus check`: verify the OPD / OPD+ estimators by exact enumeration.
+"""Exact-enumeration verifier of the OPD / OPD+ estimators (the library behind `opdplus check`).
 
 A tabular autoregressive student pi_theta and a fixed teacher q over a small vocabulary (one logit row
 per prefix context) generate sequences of a fixed depth. Every sequence is enumerated, so both sides
@@ -16,10 +16,7 @@ be exact (<= 1e-8); stop-gradient OPD is exact only for reverse KL.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -201,39 +198,3 @@ def format_table(rows: list[dict], vocab: int, depth: int, seed: int) -> str:
             f"({low[1]}, gamma {low[2]:g}) to {high[0]:.0%} ({high[1]}, gamma {high[2]:g})."
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab", type=int, default=3, help="vocabulary size of the tabular policies (default 3)")
-    parser.add_argument("--depth", type=int, default=3, help="sequence length (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random student and teacher logits")
-    parser.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.vocab < 2 or args.depth < 1 or args.vocab**args.depth > 100_000:
-        print(
-            f"error: need vocab >= 2, depth >= 1 and vocab**depth <= 100000 (got {args.vocab}, {args.depth})",
-            file=sys.stderr,
-        )
-        return 2
-    rows = run_check(args.vocab, args.depth, args.seed)
-    ok = passed(rows)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "check": {
-                        "vocab": args.vocab,
-                        "depth": args.depth,
-                        "seed": args.seed,
-                        "tolerance": OPD_PLUS_TOLERANCE,
-                        "passed": ok,
-                        "rows": rows,
-                    }
-                }
-            )
-        )
-    else:
-        print(format_table(rows, args.vocab, args.depth, args.seed))
-    return 0 if ok else 1

@@ -20,11 +20,9 @@ world's models (built first when missing). Each run writes ``result.json`` next 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -71,7 +69,7 @@ def resolve_world_models(train: dict[str, Any], world_root: Path | None = None) 
         role for role in ("student", "teacher") if str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX)
     ]
     if roles:
-        from opdplus.world import ensure_world
+        from opdplus.world.build import ensure_world
 
         paths = ensure_world(world_root)
         for role in roles:
@@ -145,7 +143,7 @@ def evaluate_student(
     per token, on one temperature-1 sample of the student per held-out item)."""
     from opdplus.rollout.sampler import Sampler, SamplingSettings
     from opdplus.tasks.base import get_task
-    from opdplus.world import WORLD_TASKS, evaluate
+    from opdplus.world.build import WORLD_TASKS, evaluate
 
     tasks = tasks or WORLD_TASKS
     accuracy = evaluate(student, tokenizer, tasks, n=items, seed=seed, max_new_tokens=max_new_tokens)
@@ -285,39 +283,24 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="sweep YAML, e.g. configs/sweep.yaml")
-    parser.add_argument("--out", default=None, help="output directory (default: the file's `out`)")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="parallel runs (default: the file's `workers`, else 2)"
-    )
-    parser.add_argument(
-        "--no-report", action="store_true", help="skip writing report.md and plots into the output directory"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
+def run_sweep(
+    config: str | Path, *, out: str | Path | None = None, workers: int | None = None, report: bool = True
+) -> dict[str, Any]:
+    """Run the sweep file ``config`` (see the module docstring): its grid into ``out`` (default: the file's
+    ``out``), ``workers`` runs at a time (default: the file's ``workers``, else 2), then ``report.md``."""
     from opdplus.report import write_report
 
-    data = load_sweep_file(args.config)
-    out = Path(args.out or data.get("out", "runs/sweep"))
+    data = load_sweep_file(config)
+    out = Path(out or data.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
     train = resolve_world_models(data["train"])
     runs = expand_grid(train, data["grid"], out, int(data.get("eval_items", 200)))
-    (out / "sweep.json").write_text(
-        json.dumps({"config": str(args.config), "runs": [asdict(r) for r in runs]}, indent=2)
-    )
+    (out / "sweep.json").write_text(json.dumps({"config": str(config), "runs": [asdict(r) for r in runs]}, indent=2))
     print(f"sweep: {len(runs)} runs into {out}")
-    results = run_grid(runs, workers=args.workers or int(data.get("workers", 2)))
-    if not args.no_report:
-        report = write_report(
-            [Path(r.run_dir) for r in runs],
-            out,
-            title=f"Sweep {args.config}",
-            command=f"opdplus sweep --config {args.config}",
+    results = run_grid(runs, workers=workers or int(data.get("workers", 2)))
+    if report:
+        path = write_report(
+            [Path(r.run_dir) for r in runs], out, title=f"Sweep {config}", command=f"opdplus sweep --config {config}"
         )
-        print(f"report: {report}")
-    print(json.dumps({"sweep": {"out": str(out), "runs": len(results)}}))
-    return 0
+        print(f"report: {path}")
+    return {"out": str(out), "runs": len(results)}

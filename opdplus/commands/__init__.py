@@ -1,4 +1,5 @@
-"""`opdplus <command>`: each command lives in its own module with ``add_arguments`` and ``run``."""
+"""`opdplus <command>`: one thin module per verb, ``opdplus/commands/<verb>.py`` (``-`` -> ``_``), with
+``add_arguments(parser)`` and ``run(args)``: argument parsing and the call into the library, nothing else."""
 
 from __future__ import annotations
 
@@ -6,43 +7,39 @@ import argparse
 import importlib
 import sys
 
-# command name -> (module, one-line help). Modules are imported only when their command runs.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("opdplus.check", "verify the OPD / OPD+ estimators by exact enumeration"),
-    "train": ("opdplus.train.cli", "distil a teacher into a student (on-policy, OPD / OPD+ advantages)"),
-    "serve-teacher": (
-        "opdplus.rollout.serve_command",
-        "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API",
-    ),
-    "make-student": ("opdplus.models.prune", "build a smaller student by keeping K of the teacher's decoder layers"),
-    "eval": ("opdplus.eval.command", "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4"),
-    "pretrain-teacher": (
-        "opdplus.world_command",
-        "build the demo world: a synthetic-task teacher (>= 95%) and a weaker student",
-    ),
-    "demo": ("opdplus.demo", "OPD vs OPD+ on the synthetic world: distil, evaluate, print a table, write a report"),
-    "sweep": ("opdplus.sweep", "run a grid of distillation runs (estimators x divergences x seeds) from a YAML file"),
-    "report": ("opdplus.report", "aggregate run directories into a markdown table (mean ± std) and learning curves"),
-    "bench": (
-        "opdplus.bench_command",
-        "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON",
-    ),
+# verb -> one-line help. A verb's module is imported only when it runs (fast start; one broken command
+# cannot break the others).
+COMMANDS: dict[str, str] = {
+    "check": "verify the OPD / OPD+ estimators by exact enumeration",
+    "train": "distil a teacher into a student (on-policy, OPD / OPD+ advantages)",
+    "serve-teacher": "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API",
+    "make-student": "build a smaller student by keeping K of the teacher's decoder layers",
+    "eval": "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4",
+    "pretrain-teacher": "build the demo world: a synthetic-task teacher (>= 95%) and a weaker student",
+    "demo": "OPD vs OPD+ on the synthetic world: distil, evaluate, print a table, write a report",
+    "sweep": "run a grid of distillation runs (estimators x divergences x seeds) from a YAML file",
+    "report": "aggregate run directories into a markdown table (mean ± std) and learning curves",
+    "bench": "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON",
 }
 
 
+def module_name(verb: str) -> str:
+    """``serve-teacher`` -> ``opdplus.commands.serve_teacher``."""
+    return f"{__name__}.{verb.replace('-', '_')}"
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the ``selected`` command's module is imported (fast start, and one broken
-    command cannot break the others)."""
+    """The parser; only the ``selected`` verb's module is imported."""
     parser = argparse.ArgumentParser(
         prog="opdplus",
         description="On-policy distillation with unbiased f-divergence advantages (OPD+).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)  # help is %-formatted
-        cmd.set_defaults(_module=module_name)
-        if name == selected:
-            importlib.import_module(module_name).add_arguments(cmd)
+    for verb, help_text in COMMANDS.items():
+        cmd = sub.add_parser(verb, help=help_text.replace("%", "%%"), description=help_text)  # help is %-formatted
+        cmd.set_defaults(_module=module_name(verb))
+        if verb == selected:
+            importlib.import_module(module_name(verb)).add_arguments(cmd)
     return parser
 
 

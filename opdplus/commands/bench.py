@@ -1,23 +1,14 @@
-"""`opdplus bench [--quick]`: run the benchmark scripts of the top-level ``bench/`` folder and merge their results.
-
-Each script prints a table and, as its last line, one JSON object ``{"bench": {...}}``. This command runs
-them one after another (their output streams through), then prints one merged ``{"bench": {...}}`` line
-last. A script that fails is reported as ``{"<name>": {"error": ...}}`` and makes the exit status 1.
-The scripts live in the source tree, next to the package (they are not installed with it).
-"""
+"""`opdplus bench [--quick]`: run the benchmarks of the top-level ``bench/`` folder; the last line is their
+merged ``{"bench": {...}}`` JSON object (exit status 1 when one failed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-# Run order: cheap and independent first. Scripts not listed here are ignored (helpers such as common.py).
-BENCHMARKS = ("kernels", "sampler", "flops", "loop_vs_trl")
+from opdplus import benchmarks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,69 +17,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=BENCHMARKS,
+        choices=benchmarks.BENCHMARKS,
         metavar="NAME",
-        help=f"run only these benchmarks ({', '.join(BENCHMARKS)})",
+        help=f"run only these benchmarks ({', '.join(benchmarks.BENCHMARKS)})",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the merged JSON object to this file")
 
 
-def last_json_line(text: str) -> dict:
-    """The ``{"bench": {...}}`` object on the last non-empty line of a script's output."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError("the benchmark printed nothing")
-    value = json.loads(lines[-1])
-    if not isinstance(value, dict) or not isinstance(value.get("bench"), dict):
-        raise ValueError(f'the last line is not a {{"bench": {{...}}}} object: {lines[-1][:200]}')
-    return value["bench"]
-
-
-def merge(results: list[dict]) -> dict:
-    """One ``{"bench": {...}}`` object; a later key with the same name as an earlier one is an error."""
-    merged: dict = {}
-    for result in results:
-        clash = sorted(set(merged) & set(result))
-        if clash:
-            raise ValueError(f"two benchmarks report the same key(s): {', '.join(clash)}")
-        merged.update(result)
-    return {"bench": merged}
-
-
-def run_script(path: Path, script_args: list[str]) -> dict:
-    """Run one benchmark script, streaming its stdout; returns its parsed last line."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path.parent.parent), os.environ.get("PYTHONPATH")]))
-    )
-    proc = subprocess.Popen([sys.executable, str(path), *script_args], stdout=subprocess.PIPE, text=True, env=env)
-    captured = []
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        captured.append(line)
-    if proc.wait() != 0:
-        raise RuntimeError(f"{path.name} exited with status {proc.returncode}")
-    return last_json_line("".join(captured))
-
-
 def run(args: argparse.Namespace) -> int:
-    if not BENCH_DIR.is_dir():
+    if not benchmarks.BENCH_DIR.is_dir():
         print(
-            f"error: no benchmark folder at {BENCH_DIR}; `opdplus bench` runs from a source checkout", file=sys.stderr
+            f"error: no benchmark folder at {benchmarks.BENCH_DIR}; `opdplus bench` runs from a source checkout",
+            file=sys.stderr,
         )
         return 2
     script_args = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
-    results, failed = [], False
-    for name in args.only or BENCHMARKS:
-        path = BENCH_DIR / f"{name}.py"
-        print(f"== bench/{name}.py {' '.join(script_args)}", flush=True)
-        try:
-            if not path.is_file():
-                raise RuntimeError(f"{path} does not exist")
-            results.append(run_script(path, script_args))
-        except (RuntimeError, ValueError) as err:
-            results.append({name: {"error": str(err)}})
-            failed = True
-    merged = merge(results)
+    merged, failed = benchmarks.run_benchmarks(args.only or benchmarks.BENCHMARKS, script_args)
     if args.out is not None:
         args.out.write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(merged), flush=True)

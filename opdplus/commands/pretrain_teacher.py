@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
-    from opdplus.world import ensure_world, load_world_info, world_paths, world_ready
+    from opdplus.world.build import ensure_world, load_world_info, world_paths, world_ready
 
     cached = world_ready(world_paths(args.out)) and not args.force
     paths = ensure_world(args.out, rebuild=args.force, threads=args.threads)

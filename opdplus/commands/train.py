@@ -70,7 +70,7 @@ def _load(args: argparse.Namespace):
 
 def run_demo() -> int:
     """``opdplus train`` with no config runs ``opdplus demo`` with its defaults."""
-    from opdplus import demo
+    from opdplus.commands import demo
 
     parser = argparse.ArgumentParser(prog="opdplus demo")
     demo.add_arguments(parser)

@@ -13,7 +13,6 @@ architecture has it) describe the kept layers, and every kept attention module g
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +72,3 @@ def make_student(teacher: str, layers: int, out_dir: str | Path, strategy: str =
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     (out / "STUDENT").write_text(f"teacher: {teacher}\nstrategy: {strategy}\nkept_layers: {keep_idx}\n")
     return keep_idx
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="teacher", required=True, help="teacher model: HF dir or gguf:<pkg>/<file.gguf>")
-    parser.add_argument("--layers", type=int, required=True, help="number of decoder layers to keep")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="uniform", help="which layers to keep")
-    parser.add_argument("--out", required=True, help="output HF directory")
-
-
-def run(args: argparse.Namespace) -> int:
-    keep_idx = make_student(args.teacher, args.layers, args.out, args.strategy)
-    print(f"saved {len(keep_idx)}-layer student to {args.out} (kept teacher layers {keep_idx})")
-    return 0

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,7 @@ def demo_train_config(steps: int, overrides: list[str] = ()) -> dict[str, Any]:
 def teacher_accuracy(info: dict, teacher, tokenizer, eval_items: int) -> dict[str, float]:
     """The teacher's greedy held-out accuracy: from ``world.json`` when it was measured on the same
     items, else measured now."""
-    from opdplus.world import evaluate
+    from opdplus.world.build import evaluate
 
     accuracy = info["teacher"]["eval_accuracy"]
     if info["spec"]["eval_items"] != eval_items:
@@ -94,7 +92,7 @@ def run_demo(
 
     from opdplus.report import write_report
     from opdplus.sweep import evaluate_student, expand_grid, load_model, resolve_world_models, run_grid
-    from opdplus.world import ensure_world, load_world_info
+    from opdplus.world.build import ensure_world, load_world_info
 
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -134,34 +132,3 @@ def run_demo(
     summary = demo_summary(rows, results)
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=DEMO_TRAIN["run"]["steps"], help="distillation steps per run")
-    parser.add_argument(
-        "--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
-    parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v1)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="overrides of the runs' train config, e.g. optim.lr=2e-3 data.prompts_per_step=32",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
-    summary = run_demo(
-        args.out,
-        steps=args.steps,
-        eval_items=args.eval_items,
-        workers=args.workers,
-        overrides=args.overrides,
-        world_root=args.world,
-    )
-    print(json.dumps(summary))
-    return 0

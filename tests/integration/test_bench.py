@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from opdplus import bench_command
-from opdplus.cli import main as cli_main
+from opdplus import benchmarks as bench_command
+from opdplus.commands import main as cli_main
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 

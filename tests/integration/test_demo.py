@@ -10,7 +10,7 @@ import torch
 
 from opdplus.report import aggregate, find_runs, markdown_table, mean_std
 from opdplus.sweep import expand_grid, parse_divergence, resolve_world_models
-from opdplus.world import SMOKE_SPEC, ensure_world
+from opdplus.world.build import SMOKE_SPEC, ensure_world
 
 TINY_OVERRIDES = [
     "eval.every=1",
@@ -29,7 +29,7 @@ def world(tmp_path_factory):
 
 
 def test_demo_smoke(world, tmp_path, capsys):
-    from opdplus.cli import main
+    from opdplus.commands import main
 
     out = tmp_path / "demo"
     code = main(
@@ -120,9 +120,9 @@ def test_aggregate_mean_std(tmp_path):
 def test_sweep_preset_matches_demo_and_validates():
     import yaml
 
-    from opdplus.demo import DEMO_TRAIN
     from opdplus.sweep import load_sweep_file
     from opdplus.train.config import TrainConfig, from_dict, validate
+    from opdplus.world.demo import DEMO_TRAIN
 
     preset = Path(__file__).resolve().parents[2] / "configs" / "sweep.yaml"
     data = load_sweep_file(preset)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdplus.cli import main
+from opdplus.commands import main
 from opdplus.eval import runner
 from opdplus.eval.runner import evaluate, generate_batch, task_options
 

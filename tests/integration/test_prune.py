@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opdplus.cli import main
+from opdplus.commands import main
 from opdplus.models.prune import prune_layers, select_layers
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from opdplus.report import find_runs, load_run, write_report
-from opdplus.report import run as report_run
+from opdplus.commands.report import run as report_run
 from opdplus.train import train
 from opdplus.train.metrics import read_metrics
 

@@ -340,7 +340,7 @@ def test_local_model_directory_student(tmp_path, tiny_model_dir, tiny_train_conf
 
 
 def test_cli(tmp_path, capsys):
-    from opdplus.cli import main
+    from opdplus.commands import main
 
     assert main(["train", "run.steps=3"]) == 2  # overrides but no preset
     assert "needs --config FILE" in capsys.readouterr().err
@@ -407,8 +407,8 @@ def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward
 
 def test_train_without_config_runs_the_demo(monkeypatch, capsys):
     """`opdplus train` with nothing else is the embedded default: the demo with its default arguments."""
-    from opdplus import demo
-    from opdplus.cli import main
+    from opdplus.commands import main
+    from opdplus.world import demo
 
     seen = {}
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)

@@ -7,7 +7,7 @@ import torch
 
 from opdplus.tasks import get_task
 from opdplus.tasks.synthetic import solution_of
-from opdplus.world import (
+from opdplus.world.build import (
     SMOKE_SPEC,
     encode_examples,
     ensure_world,

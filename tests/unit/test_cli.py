@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opdplus.cli import COMMANDS, main
+from opdplus.commands import COMMANDS, main
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -12,7 +12,7 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         assert name in out and help_text.split()[0] in out
 
 
@@ -22,3 +22,20 @@ def test_each_command_has_help(name, capsys):
         main([name, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: opdplus {name}" in capsys.readouterr().out
+
+
+def test_one_command_module_per_verb_and_argparse_only_there():
+    """``opdplus/commands/<verb>.py`` for every verb of ``opdplus --help`` (and nothing else); no other
+    module under ``opdplus/`` parses arguments."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "opdplus"
+    modules = {p.stem for p in (package / "commands").glob("*.py")} - {"__init__"}
+    assert modules == {verb.replace("-", "_") for verb in COMMANDS}
+    parsing = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if "commands" not in p.parts and re.search(r"^\s*(import argparse|from argparse )", p.read_text(), re.M)
+    )
+    assert parsing == []

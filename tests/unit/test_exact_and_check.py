@@ -7,7 +7,7 @@ import torch
 
 import opdplus
 from opdplus import check
-from opdplus.cli import main
+from opdplus.commands import main
 from opdplus.ops.divergences import Divergence, get_divergence
 
 DIVS = check.check_divergences()
