@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from opdplus.report import find_runs, load_run, write_report
 from opdplus.commands.report import run as report_run
+from opdplus.report import find_runs, load_run, write_report
 from opdplus.train import train
 from opdplus.train.metrics import read_metrics
 
