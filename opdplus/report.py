@@ -47,25 +47,54 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(set(found))
 
 
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A last line without its newline (a run killed mid-write) is
+    skipped; any other line that is not a JSON object is an error naming the file and the line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: cut short by a crash
+                continue
+            raise ValueError(f"{path}: line {number} is not valid JSON ({err}): {line[:80]!r}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(
+                f"{path}: line {number} is not a metrics record (a JSON object with a step): {line[:80]!r}"
+            )
+        rows.append(record)
+    return rows
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """``result.json`` (or, without it, ``record_from_metrics``) plus the eval curve (the metrics lines
-    that carry ``eval/`` keys)."""
-    rows = []
+    that carry ``eval/`` keys). ValueError for a corrupt file or a run that has logged nothing."""
     metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    rows = read_metrics_file(metrics) if metrics.is_file() else []
+    result = run_dir / RESULT_FILE
+    if not rows and not result.is_file():
+        raise ValueError(f"{metrics}: the run has logged no step yet (empty file); nothing to report")
     curve = [
         {"step": row["step"], **{k: v for k, v in row.items() if k.startswith("eval/")}}
         for row in rows
         if any(key.startswith("eval/") for key in row)
     ]
-    result = run_dir / RESULT_FILE
-    record = json.loads(result.read_text()) if result.is_file() else record_from_metrics(run_dir, rows, curve)
+    record = _read_result(result) if result.is_file() else record_from_metrics(run_dir, rows, curve)
     return {**record, "run_dir": str(run_dir), "curve": curve}
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it to report the run from metrics.jsonl") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a JSON object; delete it to report the run from metrics.jsonl")
+    return record
 
 
 def record_from_metrics(run_dir: Path, rows: list[dict[str, Any]], curve: list[dict[str, Any]]) -> dict[str, Any]:

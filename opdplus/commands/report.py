@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from opdplus.report import write_report
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             args.run_dirs, out, title=args.title, command="opdplus report " + " ".join(map(str, args.run_dirs))
         )
     except ValueError as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.read_text())
     print(f"report: {report}")

@@ -37,3 +37,35 @@ def test_report_of_two_training_runs(tiny_train_config, tmp_path, capsys):
     assert {row["method"] for row in summary["rows"]} == {"opd/reverse_kl", "opd_plus/alpha:0.5"}
     with pytest.raises(ValueError, match="no run directories"):
         write_report([runs / "not_a_run"], tmp_path / "none")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json\n", r"metrics.jsonl: line 1 is not valid JSON"),
+        ('{"step": 1, "loss/total": 0.5}\n[1, 2]\n{"step": 3}\n', r"metrics.jsonl: line 2 is not a metrics record"),
+        ("", r"metrics.jsonl: the run has logged no step yet"),
+    ],
+)
+def test_report_names_the_file_and_line_of_a_corrupt_or_empty_metrics_file(tmp_path, capsys, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_run(run)
+
+    class Args:
+        run_dirs = [run]
+        out = tmp_path / "out"
+        title = "corrupt"
+
+    assert report_run(Args) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_report_skips_a_last_line_cut_short_by_a_crash(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "eval/reverse_kl": 0.5}\n{"step": 2, "eval/rev')
+    assert load_run(run)["curve"] == [{"step": 1, "eval/reverse_kl": 0.5}]

@@ -407,8 +407,7 @@ def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward
 
 def test_train_without_config_runs_the_demo(monkeypatch, capsys):
     """`opdplus train` with nothing else is the embedded default: the demo with its default arguments."""
-    from opdplus.commands import main
-    from opdplus.world import demo
+    from opdplus.commands import demo, main
 
     seen = {}
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)
