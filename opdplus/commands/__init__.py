@@ -46,7 +46,13 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(selected).parse_args(argv)
+    parser = build_parser(selected)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come anywhere on the line, also after a flag (`--overwrite run.steps=3`)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.command:
         build_parser().print_help()
         return 0

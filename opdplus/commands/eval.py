@@ -13,12 +13,23 @@ import time
 from opdplus.eval.runner import EVAL_TASKS
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--limit 0`` or ``-3`` is a usage error, not "all items")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (omit --limit to evaluate every item)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF directory or gguf:<package_module>/<file.gguf>")
     parser.add_argument("--task", required=True, choices=list(EVAL_TASKS), help="evaluation set")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items only")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: per task")
     parser.add_argument("--samples-out", default=None, help="write one JSON line per item here")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

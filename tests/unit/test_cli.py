@@ -39,3 +39,30 @@ def test_one_command_module_per_verb_and_argparse_only_there():
         if "commands" not in p.parts and re.search(r"^\s*(import argparse|from argparse )", p.read_text(), re.M)
     )
     assert parsing == []
+
+
+def test_overrides_are_accepted_after_flags(monkeypatch):
+    from opdplus.commands import train
+
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda args: seen.setdefault("args", args) and 0)
+    main(["train", "--config", "c.yaml", "run.steps=2", "--overwrite", "student.model=Y", "run.seed=3"])
+    args = seen["args"]
+    assert args.overwrite and args.overrides == ["run.steps=2", "student.model=Y", "run.seed=3"]
+
+
+def test_unknown_arguments_are_still_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "c.yaml", "--overwrite", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check", "run.steps=2"])  # a verb without overrides takes no KEY=VALUE
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "abc"])
+def test_eval_limit_must_be_positive(limit, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "m", "--task", "gsm8k", "--limit", limit])
+    assert exit_info.value.code == 2
+    assert "--limit" in capsys.readouterr().err
