@@ -1,9 +1,12 @@
 """The slice of the OpenAI / vLLM ``/v1/completions`` protocol used to score token ids.
 
-A scoring request gives prompts as token ids and asks for their log-probs without generating:
+A scoring request gives prompts as token ids (or text, tokenized with the served model's tokenizer) and
+asks for their log-probs, without generating (``max_tokens=0``) or with one generated token
+(``max_tokens=1``, as scripts written for ``vllm serve`` often send):
 
     {"model": "m", "prompt": [[1, 5, 9], [1, 7]], "echo": true, "max_tokens": 0, "logprobs": 0}
     {"model": "m", "prompt": [1, 5, 9], "max_tokens": 0, "prompt_logprobs": 5}
+    {"model": "m", "prompt": "2 + 2 = 4", "echo": true, "max_tokens": 1, "logprobs": 1, "temperature": 0}
 
 and each choice of the response carries them in one or both of vLLM's shapes:
 
@@ -12,7 +15,8 @@ and each choice of the response carries them in one or both of vLLM's shapes:
   "decoded_token"}`` for the prompt token itself plus the top-k.
 * ``choices[i].logprobs`` (with ``echo``): ``{"tokens", "token_logprobs", "top_logprobs",
   "text_offset"}``, one entry per prompt token, the first ``token_logprobs`` being ``null``;
-  ``top_logprobs`` maps decoded token text to log-prob.
+  ``top_logprobs`` maps decoded token text to log-prob. With ``max_tokens=1`` the generated token
+  follows the prompt's entries (without ``echo``: it is the only entry).
 
 Log-probs are clamped at -9999.0 as vLLM does (JSON has no -inf). Server side:
 ``parse_completion_request`` and ``format_completion_response``; client side:
@@ -46,6 +50,7 @@ class RequestError(Exception):
             404: "NotFoundError",
             405: "MethodNotAllowedError",
             413: "RequestTooLargeError",
+            415: "UnsupportedMediaTypeError",
             503: "ServiceUnavailableError",
         }.get(self.status, "Error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
@@ -62,14 +67,25 @@ class ServerLimits:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How the one generated token of a ``max_tokens=1`` request is drawn: greedy at temperature 0, else
+    from softmax(logits / temperature), seeded when ``seed`` is given. Its reported log-prob is the model's
+    own (untempered), like the prompt's."""
+
+    temperature: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     prompts: list[list[int]]
     top_k: int  # how many top alternatives each position needs (max of logprobs / prompt_logprobs)
-    echo_logprobs: int | None  # k for the echo ``logprobs`` block, None = no block
+    logprobs: int | None  # k for the ``logprobs`` block, None = no block
     prompt_logprobs: int | None  # k for ``prompt_logprobs``, None = not returned
     echo: bool
     return_token_ids: bool
     return_tokens_as_token_ids: bool
+    sampling: Sampling | None = None  # set when max_tokens=1: one token is generated after each prompt
 
     @property
     def num_tokens(self) -> int:
@@ -78,12 +94,14 @@ class ScoreRequest:
 
 @dataclass
 class PromptScores:
-    """Scores of one prompt of L tokens; lists have L - 1 entries (positions 1..L-1)."""
+    """Scores of one prompt of L tokens; lists have L - 1 entries (positions 1..L-1). With generation, one
+    more entry each for the generated token ``generated`` (position L)."""
 
     token_logprobs: list[float]
     token_ranks: list[int]  # 1 = the model's most likely token
     top_ids: list[list[int]]  # [L-1][k], best first (k may exceed what a request asked for)
     top_logprobs: list[list[float]]
+    generated: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,46 +109,73 @@ class PromptScores:
 # --------------------------------------------------------------------------------------------
 
 _SCORING_ONLY = (
-    "this is a scoring-only server: it returns prompt log-probs and does not generate; "
-    "send max_tokens=0 with echo=true and logprobs=N, or with prompt_logprobs=N"
+    "this is a scoring server: it returns prompt log-probs and generates at most one token; send "
+    "max_tokens=0 (scores only) or max_tokens=1 (scores plus one generated token), with echo=true and "
+    "logprobs=N, or with prompt_logprobs=N"
 )
 
 
-def parse_completion_request(body: Any, *, limits: ServerLimits, vocab_size: int, model_name: str) -> ScoreRequest:
-    """Validate a decoded JSON body; raise ``RequestError`` (4xx) naming the first problem."""
+def parse_completion_request(
+    body: Any,
+    *,
+    limits: ServerLimits,
+    vocab_size: int,
+    model_name: str,
+    tokenize: Callable[[str], list[int]] | None = None,
+) -> ScoreRequest:
+    """Validate a decoded JSON body; raise ``RequestError`` (4xx) naming the first problem. Text prompts
+    are tokenized with ``tokenize`` (the served model's tokenizer; without one they are refused)."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model is not None and model != model_name:
         raise RequestError(404, f"the model `{model}` does not exist; this server serves `{model_name}`", param="model")
-    _check_generation_off(body)
+    max_tokens = _get_max_tokens(body)
     echo = _get_bool(body, "echo", default=False)
-    echo_k = _get_k(body, "logprobs", limits)
+    logprobs_k = _get_k(body, "logprobs", limits)
     prompt_k = _get_k(body, "prompt_logprobs", limits)
-    if prompt_k is None and echo and echo_k is not None:
-        prompt_k = echo_k  # vLLM: echo + logprobs implies prompt_logprobs = logprobs
-    if prompt_k is None:
+    if prompt_k is None and echo and logprobs_k is not None:
+        prompt_k = logprobs_k  # vLLM: echo + logprobs implies prompt_logprobs = logprobs
+    if prompt_k is None and max_tokens == 0:
         raise RequestError(400, "nothing to score: set echo=true with logprobs=N, or prompt_logprobs=N (N >= 0)")
-    prompts = _get_prompts(body, limits, vocab_size)
+    prompts = _get_prompts(body, limits, vocab_size, tokenize)
     return ScoreRequest(
         prompts=prompts,
-        top_k=max(prompt_k, echo_k or 0),
-        echo_logprobs=echo_k if echo else None,
+        top_k=max(prompt_k or 0, logprobs_k or 0),
+        logprobs=logprobs_k,
         prompt_logprobs=prompt_k,
         echo=echo,
         return_token_ids=_get_bool(body, "return_token_ids", default=False),
         return_tokens_as_token_ids=_get_bool(body, "return_tokens_as_token_ids", default=False),
+        sampling=_get_sampling(body) if max_tokens == 1 else None,
     )
 
 
-def _check_generation_off(body: dict) -> None:
+def _get_max_tokens(body: dict) -> int:
+    """0 or 1. An omitted ``max_tokens`` is refused: vLLM would generate 16 tokens, which this server does not."""
     if "max_tokens" not in body or body["max_tokens"] is None:
         raise RequestError(400, f"missing field `max_tokens`; {_SCORING_ONLY}", param="max_tokens")
     max_tokens = body["max_tokens"]
     if not _is_int(max_tokens):
         raise RequestError(400, f"`max_tokens` must be an integer, got {type(max_tokens).__name__}", param="max_tokens")
-    if max_tokens != 0:
-        raise RequestError(400, f"max_tokens={max_tokens} asks for generation; {_SCORING_ONLY}", param="max_tokens")
+    if max_tokens not in (0, 1):
+        raise RequestError(400, f"max_tokens={max_tokens} is not supported; {_SCORING_ONLY}", param="max_tokens")
+    _check_single_choice(body)
+    return max_tokens
+
+
+def _get_sampling(body: dict) -> Sampling:
+    temperature = body.get("temperature", 1.0)
+    temperature = 1.0 if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < 1e6:
+        raise RequestError(400, f"`temperature` must be a number >= 0, got {temperature!r}", param="temperature")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise RequestError(400, f"`seed` must be an integer, got {seed!r}", param="seed")
+    return Sampling(temperature=float(temperature), seed=seed)
+
+
+def _check_single_choice(body: dict) -> None:
     if body.get("stream"):
         raise RequestError(400, "stream=true is not supported: scores are returned in one response", param="stream")
     n = body.get("n", 1)
@@ -164,23 +209,24 @@ def _get_k(body: dict, key: str, limits: ServerLimits) -> int | None:
     return value
 
 
-def _get_prompts(body: dict, limits: ServerLimits, vocab_size: int) -> list[list[int]]:
+def _get_prompts(
+    body: dict, limits: ServerLimits, vocab_size: int, tokenize: Callable[[str], list[int]] | None
+) -> list[list[int]]:
     if "prompt" not in body:
         raise RequestError(
-            400, "missing field `prompt` (token ids: a list of ints or a list of lists of ints)", param="prompt"
+            400, "missing field `prompt` (text, a list of texts, token ids or a list of lists of ids)", param="prompt"
         )
     prompt = body["prompt"]
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-        raise RequestError(
-            400,
-            "text prompts are not accepted: send token ids (a list of ints or a list of lists "
-            "of ints), tokenized with the teacher's tokenizer",
-            param="prompt",
-        )
+    if isinstance(prompt, str):
+        prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise RequestError(
-            400, "`prompt` must be a non-empty list of token ids or a list of such lists", param="prompt"
+            400,
+            "`prompt` must be a non-empty list of token ids or of such lists, a text or a list of texts",
+            param="prompt",
         )
+    if isinstance(prompt[0], str):
+        prompt = [_tokenized(i, text, limits, tokenize) for i, text in enumerate(prompt)]
     prompts = [prompt] if _is_int(prompt[0]) else prompt
     if len(prompts) > limits.max_prompts_per_request:
         raise RequestError(
@@ -189,6 +235,24 @@ def _get_prompts(body: dict, limits: ServerLimits, vocab_size: int) -> list[list
     for i, ids in enumerate(prompts):
         _check_token_ids(i, ids, limits, vocab_size)
     return prompts
+
+
+def _tokenized(i: int, text: Any, limits: ServerLimits, tokenize: Callable[[str], list[int]] | None) -> Any:
+    """Token ids of a text prompt (its token count is checked with the other prompts')."""
+    if not isinstance(text, str):
+        return text  # a mixed list; _check_token_ids names the bad entry
+    if tokenize is None:
+        raise RequestError(
+            400, "this server has no tokenizer to encode text prompts: send token ids instead", param="prompt"
+        )
+    max_chars = 64 * limits.max_prompt_tokens  # no tokenizer run on a text far beyond the token limit
+    if len(text) > max_chars:
+        raise RequestError(
+            400,
+            f"prompt[{i}] has {len(text)} characters; the limit is {max_chars} (and {limits.max_prompt_tokens} tokens)",
+            param="prompt",
+        )
+    return tokenize(text)
 
 
 def _check_token_ids(i: int, ids: Any, limits: ServerLimits, vocab_size: int) -> None:
@@ -227,29 +291,34 @@ def format_completion_response(
     token_str = (lambda t: f"token_id:{t}") if request.return_tokens_as_token_ids else decode
     choices = []
     for i, (ids, sc) in enumerate(zip(request.prompts, scores)):
+        output = [] if sc.generated is None else [sc.generated]
         choice: dict[str, Any] = {
             "index": i,
-            "text": decode_text(ids) if request.echo else "",
+            "text": (decode_text(ids) if request.echo else "") + (decode_text(output) if output else ""),
             "logprobs": None,
             "finish_reason": "length",
             "stop_reason": None,
             "prompt_logprobs": None,
         }
-        if request.echo_logprobs is not None:
-            choice["logprobs"] = _echo_block(ids, sc, request.echo_logprobs, token_str)
+        if request.logprobs is not None and (request.echo or output):
+            block = _logprobs_block(ids + output, sc, request.logprobs, token_str)
+            choice["logprobs"] = block if request.echo else {key: values[len(ids) :] for key, values in block.items()}
         if request.prompt_logprobs is not None:
             choice["prompt_logprobs"] = _prompt_logprobs_block(ids, sc, request.prompt_logprobs, decode)
         if request.return_token_ids:
             choice["prompt_token_ids"] = ids
+            if output:
+                choice["token_ids"] = output
         choices.append(choice)
     n_tokens = request.num_tokens
+    generated = sum(sc.generated is not None for sc in scores)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model_name,
         "choices": choices,
-        "usage": {"prompt_tokens": n_tokens, "completion_tokens": 0, "total_tokens": n_tokens},
+        "usage": {"prompt_tokens": n_tokens, "completion_tokens": generated, "total_tokens": n_tokens + generated},
     }
 
 
@@ -259,7 +328,7 @@ def _floor(lp: float) -> float:
 
 def _prompt_logprobs_block(ids: list[int], sc: PromptScores, k: int, decode: Callable[[int], str]) -> list:
     block: list[dict | None] = [None]
-    for pos, tok in enumerate(ids[1:]):
+    for pos, tok in enumerate(ids[1:]):  # the prompt only, never a generated token
         entry = {
             str(tok): {
                 "logprob": _floor(sc.token_logprobs[pos]),
@@ -273,7 +342,8 @@ def _prompt_logprobs_block(ids: list[int], sc: PromptScores, k: int, decode: Cal
     return block
 
 
-def _echo_block(ids: list[int], sc: PromptScores, k: int, token_str: Callable[[int], str]) -> dict:
+def _logprobs_block(ids: list[int], sc: PromptScores, k: int, token_str: Callable[[int], str]) -> dict:
+    """The OpenAI ``logprobs`` block of ``ids`` (the prompt, then a generated token if there is one)."""
     tokens = [token_str(t) for t in ids]
     offsets, offset = [], 0
     for text in tokens:

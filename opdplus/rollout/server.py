@@ -4,7 +4,8 @@
 
 * ``GET /health``: 200 ``{"status": "ok"}`` while the scoring worker runs (never needs a key);
 * ``GET /v1/models``: the served model, OpenAI list format;
-* ``POST /v1/completions``: prompt log-probs for token-id prompts (see ``openai_protocol``);
+* ``POST /v1/completions``: prompt log-probs for token-id or text prompts, plus at most one generated
+  token (see ``openai_protocol``);
 * ``GET /stats``: batching counters (requests, rows, batches, largest batch, forward seconds).
 
 Requests are validated before they are queued; a ``DynamicBatcher`` collects the prompts of all
@@ -38,6 +39,7 @@ from starlette.routing import Route
 from opdplus.rollout.openai_protocol import (
     PromptScores,
     RequestError,
+    Sampling,
     ServerLimits,
     format_completion_response,
     parse_completion_request,
@@ -45,7 +47,8 @@ from opdplus.rollout.openai_protocol import (
 
 log = logging.getLogger("opdplus.serve")
 
-ScoreFn = Callable[[list[list[int]], int], list[PromptScores]]
+# (prompts, top_k, one Sampling per prompt or None: no token generated) -> scores
+ScoreFn = Callable[[list[list[int]], int, list[Sampling | None]], list[PromptScores]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,11 +90,40 @@ class ScoringEngine:
         self.decode = functools.lru_cache(maxsize=None)(self._decode)
 
     @torch.no_grad()
-    def score(self, prompts: list[list[int]], top_k: int) -> list[PromptScores]:
-        """One right-padded forward over ``prompts``; returns their scores in order."""
+    def score(
+        self, prompts: list[list[int]], top_k: int, samplings: list[Sampling | None] | None = None
+    ) -> list[PromptScores]:
+        """One right-padded forward over ``prompts``; returns their scores in order. A prompt with a
+        ``Sampling`` also gets one generated token (its score follows the prompt's)."""
+        samplings = samplings or [None] * len(prompts)
         ids_B_T, mask_B_T = self._pad(prompts)
         logits_B_T_V = self.model(input_ids=ids_B_T, attention_mask=mask_B_T.long(), use_cache=False).logits
-        return [self._row(logits_B_T_V[b, : len(p) - 1], ids_B_T[b, 1 : len(p)], top_k) for b, p in enumerate(prompts)]
+        out = []
+        for b, (p, sampling) in enumerate(zip(prompts, samplings)):
+            positions = len(p) if sampling is not None else len(p) - 1
+            targets_T = ids_B_T[b, 1 : len(p)]
+            if sampling is not None:
+                generated = self._sample(logits_B_T_V[b, len(p) - 1], sampling)
+                targets_T = torch.cat([targets_T, targets_T.new_tensor([generated])])
+            scores = self._row(logits_B_T_V[b, :positions], targets_T, top_k)
+            scores.generated = None if sampling is None else int(targets_T[-1])
+            out.append(scores)
+        return out
+
+    @staticmethod
+    def _sample(logits_V: torch.Tensor, sampling: Sampling) -> int:
+        """Greedy at temperature 0, else a draw from softmax(logits / temperature) (seeded if asked)."""
+        if sampling.temperature == 0:
+            return int(logits_V.argmax())
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=logits_V.device).manual_seed(sampling.seed)
+        probs_V = torch.softmax(logits_V.double() / sampling.temperature, dim=-1)
+        return int(torch.multinomial(probs_V, 1, generator=generator))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt, special tokens added as the tokenizer does by default (as vLLM does)."""
+        return list(self.tokenizer(text).input_ids)
 
     def _pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -147,6 +179,7 @@ class BatchStats:
 class _Job:
     ids: list[int]
     top_k: int
+    sampling: Sampling | None
     future: asyncio.Future
 
 
@@ -195,7 +228,7 @@ class DynamicBatcher:
                 job.future.set_exception(ServerBusy("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, prompts: list[list[int]], top_k: int) -> list[PromptScores]:
+    async def score(self, prompts: list[list[int]], top_k: int, sampling: Sampling | None = None) -> list[PromptScores]:
         """Queue the prompts and wait for their scores (cancelling this drops them from the queue)."""
         if not self.alive:
             raise ServerBusy("the scoring worker is not running")
@@ -205,7 +238,7 @@ class DynamicBatcher:
                 f"{self._queued_tokens} tokens are queued already (limit {self.max_queued_tokens}); retry later"
             )
         loop = asyncio.get_running_loop()
-        jobs = [_Job(p, top_k, loop.create_future()) for p in prompts]
+        jobs = [_Job(p, top_k, sampling, loop.create_future()) for p in prompts]
         self._pending.extend(jobs)
         self._queued_tokens += n_tokens
         self.stats.requests += 1
@@ -230,7 +263,9 @@ class DynamicBatcher:
             top_k = max(job.top_k for job in batch)
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._score_fn, [j.ids for j in batch], top_k)
+                results = await loop.run_in_executor(
+                    self._executor, self._score_fn, [j.ids for j in batch], top_k, [j.sampling for j in batch]
+                )
             except Exception as exc:  # a failed forward fails its batch, not the server
                 log.exception("scoring a batch of %d prompts failed", len(batch))
                 self.stats.failed_batches += 1
@@ -290,6 +325,9 @@ def _error(status: int, message: str) -> Response:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError(415, f"the request body must be JSON (Content-Type: application/json), got {media_type}")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body has {declared} bytes; the limit is {limit}")
@@ -302,6 +340,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply to be a completions request") from None
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -385,10 +425,14 @@ def create_app(
     async def completions(request: Request) -> Response:
         body = await _read_json(request, limits.max_request_bytes)
         score_request = parse_completion_request(
-            body, limits=limits, vocab_size=engine.vocab_size, model_name=model_name
+            body,
+            limits=limits,
+            vocab_size=engine.vocab_size,
+            model_name=model_name,
+            tokenize=engine.tokenize if engine.tokenizer is not None else None,
         )
         answered, scores = await _unless_disconnected(
-            request, batcher.score(score_request.prompts, score_request.top_k)
+            request, batcher.score(score_request.prompts, score_request.top_k, score_request.sampling)
         )
         if not answered:
             return Response(status_code=499)

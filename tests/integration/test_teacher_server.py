@@ -211,6 +211,47 @@ def test_prompt_logprobs_without_echo_and_a_single_token_prompt(client: httpx.Cl
     assert [list(e) for e in choices[1]["prompt_logprobs"][1:]] == [["8"], ["9"]]
 
 
+def test_max_tokens_1_returns_the_prompt_scores_and_one_greedy_token(client: httpx.Client, local_model) -> None:
+    """What a script written for `vllm serve` sends to score a prompt: echo + logprobs + max_tokens=1."""
+    ids = [2, 40, 41, 42, 43]
+    body = score_body([ids], max_tokens=1, logprobs=1, temperature=0, return_token_ids=True)
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    choice = data["choices"][0]
+    logits = local_model(input_ids=torch.tensor([ids])).logits[0].float()
+    logp_T_V = torch.log_softmax(logits, -1)
+    greedy = int(logp_T_V[-1].argmax())
+    assert choice["token_ids"] == [greedy] and data["usage"]["completion_tokens"] == 1
+    echo = choice["logprobs"]
+    assert len(echo["tokens"]) == len(ids) + 1 and echo["token_logprobs"][0] is None
+    want = logp_T_V[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist() + [logp_T_V[-1, greedy].item()]
+    torch.testing.assert_close(torch.tensor(echo["token_logprobs"][1:]), torch.tensor(want), rtol=0, atol=1e-4)
+    without_echo = client.post("/v1/completions", json=body | {"echo": False}).json()["choices"][0]
+    assert len(without_echo["logprobs"]["tokens"]) == 1 and without_echo["logprobs"]["token_logprobs"] == want[-1:]
+    assert without_echo["prompt_logprobs"] is None
+    seeded = [client.post("/v1/completions", json=body | {"temperature": 1.0, "seed": 5}).json() for _ in range(2)]
+    assert seeded[0]["choices"][0]["token_ids"] == seeded[1]["choices"][0]["token_ids"]
+
+
+def test_text_prompts_are_tokenized_with_the_served_tokenizer(client: httpx.Client, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    text = "2 + 2 = 4"
+    ids = AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    by_text = client.post("/v1/completions", json=score_body([text, text], return_token_ids=True)).json()
+    by_ids = client.post("/v1/completions", json=score_body([ids])).json()
+    assert by_text["choices"][0]["prompt_token_ids"] == ids and len(by_text["choices"]) == 2
+    assert by_text["choices"][1]["logprobs"]["token_logprobs"] == by_ids["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def test_a_body_that_is_not_json_gets_415(client: httpx.Client, server: ServerProcess) -> None:
+    content = json.dumps(score_body([1, 2, 3])).encode()
+    response = client.post("/v1/completions", content=content, headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
+    assert client.post("/v1/completions", content=content).status_code == 200  # no content type: JSON assumed
+
+
 def test_models_endpoint(client: httpx.Client, model_dir: Path) -> None:
     data = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == [str(model_dir)]
@@ -222,9 +263,18 @@ BAD_REQUESTS = [
     ("invalid JSON", b'{"prompt": [1, 2', 400, "not valid JSON"),
     ("not an object", [1, 2, 3], 400, "must be a JSON object"),
     ("missing prompt", {"echo": True, "max_tokens": 0, "logprobs": 0}, 400, "missing field `prompt`"),
-    ("missing max_tokens", {"prompt": [1, 2], "echo": True, "logprobs": 0}, 400, "missing field `max_tokens`"),
-    ("generation", score_body([1, 2], max_tokens=16), 400, "scoring-only server"),
-    ("text prompt", score_body("hello"), 400, "text prompts are not accepted"),
+    (
+        "missing max_tokens",
+        {"prompt": [1, 2], "echo": True, "logprobs": 0},
+        400,
+        r"missing field `max_tokens`.*max_tokens=0 \(scores only\) or max_tokens=1",
+    ),
+    ("generation", score_body([1, 2], max_tokens=16), 400, r"max_tokens=16 is not supported.*max_tokens=0"),
+    ("negative max_tokens", score_body([1, 2], max_tokens=-1), 400, "max_tokens=-1 is not supported"),
+    ("temperature", score_body([1, 2], max_tokens=1, temperature=-1), 400, "`temperature` must be a number >= 0"),
+    ("text too long", score_body("x" * (64 * MAX_PROMPT_TOKENS + 1)), 400, "characters; the limit is"),
+    ("text too many tokens", score_body("x" * (MAX_PROMPT_TOKENS + 1)), 400, f"the limit is {MAX_PROMPT_TOKENS}"),
+    ("deeply nested", b"[" * 5_000 + b"]" * 5_000, 400, "nested too deeply"),
     ("token too large", score_body([1, VOCAB]), 400, f"out of range: token ids must be in \\[0, {VOCAB}\\)"),
     ("negative token", score_body([[1, 2], [3, -1]]), 400, r"prompt\[1\]\[1\] = -1 is out of range"),
     ("float token", score_body([1, 2.5]), 400, "is not an integer token id"),

@@ -23,7 +23,7 @@ class RecordingScorer:
             self.release.set()
         self.fail_on = fail_on
 
-    def __call__(self, prompts: list[list[int]], top_k: int) -> list[PromptScores]:
+    def __call__(self, prompts: list[list[int]], top_k: int, samplings: list) -> list[PromptScores]:
         self.calls.append(prompts)
         self.started.set()
         self.release.wait(timeout=10)
