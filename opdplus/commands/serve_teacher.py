@@ -17,6 +17,13 @@ import sys
 API_KEY_ENV = "OPDPLUS_TEACHER_API_KEY"
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port in 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is a whole number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -24,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the teacher: a local Hugging Face model directory or a gguf:<package>/<file.gguf> spec",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         model, tokenizer = load_teacher_model(args.model, device=args.device, dtype=args.dtype)
-    except ModelSourceError as exc:
+    except (ModelSourceError, ValueError) as exc:
         print(f"opdplus serve-teacher: {exc}", file=sys.stderr)
         return 2
     engine = ScoringEngine(model, tokenizer)

@@ -27,9 +27,18 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else mps if available, else cpu."""
+    """``auto`` -> cuda if available, else mps if available, else cpu. ValueError for a device this machine
+    does not have (``cuda`` without CUDA) or a name torch does not know."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"unknown device {name!r} ({err}); use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

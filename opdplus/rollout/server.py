@@ -63,10 +63,11 @@ def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto")
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from opdplus.models.load import resolve_device
     from opdplus.models.sources import resolve_model
 
+    device = str(resolve_device("cuda" if device == "auto" and torch.cuda.is_available() else device))
     path = resolve_model(model)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)

@@ -66,3 +66,18 @@ def test_eval_limit_must_be_positive(limit, capsys):
         main(["eval", "--model", "m", "--task", "gsm8k", "--limit", limit])
     assert exit_info.value.code == 2
     assert "--limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_serve_teacher_rejects_a_port_out_of_range(port, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve-teacher", "--model", "m", "--port", port])
+    assert exit_info.value.code == 2
+    assert "a TCP port is a whole number from 1 to 65535" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_teacher_on_cuda_without_cuda_is_a_one_line_error(capsys):
+    assert main(["serve-teacher", "--model", "m", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "this machine has no CUDA device" in err and "Traceback" not in err
