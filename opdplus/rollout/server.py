@@ -80,6 +80,9 @@ def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto")
     return net, tokenizer
 
 
+WIDTH_MULTIPLE = 16  # padded batch widths are multiples of this (see ScoringEngine._pad)
+
+
 class ScoringEngine:
     """Log-probs of every prompt token under a causal LM (plus ranks and top-k alternatives)."""
 
@@ -127,7 +130,10 @@ class ScoringEngine:
         return list(self.tokenizer(text).input_ids)
 
     def _pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
+        """Right-padded to a multiple of ``WIDTH_MULTIPLE``: a prompt's scores then do not depend on which
+        other prompts share its batch (the kernels' blocking over positions changes with the width; measured
+        on SmolLM2-135M on CPU: up to 3.4e-5 apart with exact widths, bitwise equal with this padding)."""
+        width = -(-max(len(p) for p in prompts) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
         ids_B_T = torch.zeros(len(prompts), width, dtype=torch.long)
         mask_B_T = torch.zeros(len(prompts), width, dtype=torch.bool)
         for b, p in enumerate(prompts):
