@@ -302,7 +302,10 @@ def format_completion_response(
         }
         if request.logprobs is not None and (request.echo or output):
             block = _logprobs_block(ids + output, sc, request.logprobs, token_str)
-            choice["logprobs"] = block if request.echo else {key: values[len(ids) :] for key, values in block.items()}
+            if not request.echo:  # the generated token only, its offset counted from the start of `text`
+                block = {key: values[len(ids) :] for key, values in block.items()}
+                block["text_offset"] = [offset - block["text_offset"][0] for offset in block["text_offset"]]
+            choice["logprobs"] = block
         if request.prompt_logprobs is not None:
             choice["prompt_logprobs"] = _prompt_logprobs_block(ids, sc, request.prompt_logprobs, decode)
         if request.return_token_ids:
