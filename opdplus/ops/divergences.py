@@ -49,6 +49,18 @@ class Divergence:
             return self.name
         return f"{self.name}({', '.join(f'{v:g}' for _, v in self.params)})"
 
+    def perspective(self, logp: Tensor, logq: Tensor) -> Tensor:
+        """pi f(q/pi) per entry from log pi and log q, safe at the edges of the domain.
+
+        An entry where both are zero (-inf in both, a masked vocabulary entry) contributes 0 to the
+        value and to the gradient; a NaN in either input gives NaN, never a number.
+        """
+        both_zero = (logp == -math.inf) & (logq == -math.inf)
+        zero = torch.zeros_like(logp)
+        value = self.weighted(torch.where(both_zero, zero, logp), torch.where(both_zero, zero, logq))
+        value = torch.where(both_zero, zero, value)
+        return torch.where(logp.isnan() | logq.isnan(), torch.full_like(value, math.nan), value)
+
     def safe_log_ratio(self, log_ratio: Tensor) -> Tensor:
         """Clamp l so that exp(growth * l) stays finite in float64 (|growth * l| <= 600).
 
@@ -59,6 +71,12 @@ class Divergence:
             return log_ratio
         bound = 600.0 / self.growth
         return log_ratio.clamp(-bound, bound)
+
+
+def saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` cast to ``dtype``, finite ones clamped to its finite range (inf and NaN stay)."""
+    finite_max = torch.finfo(dtype).max
+    return torch.where(values.isfinite(), values.clamp(-finite_max, finite_max), values).to(dtype)
 
 
 def _weighted_from_f(f: Callable[[Tensor], Tensor], growth: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -72,9 +90,12 @@ def _weighted_from_f(f: Callable[[Tensor], Tensor], growth: float) -> Callable[[
     return weighted
 
 
-def _xlogy_exp(logx: Tensor, log_y_over_z: Tensor) -> Tensor:
-    """exp(logx) * log_y_over_z, zero where x = 0 (so 0 * inf terms vanish)."""
-    return torch.where(logx > -math.inf, logx.exp() * log_y_over_z, torch.zeros_like(logx))
+def _x_log_x_over_y(logx: Tensor, logy: Tensor) -> Tensor:
+    """x log(x / y) from log x and log y: 0 with gradient 0 where x = 0, +inf where only y = 0."""
+    positive = logx > -math.inf
+    zero = torch.zeros_like(logx)
+    logx, logy = torch.where(positive, logx, zero), torch.where(positive, logy, zero)  # no 0 * inf in backward
+    return torch.where(positive, logx.exp() * (logx - logy), zero)
 
 
 # --- the built-in divergences -------------------------------------------------------------------
@@ -87,7 +108,7 @@ def _reverse_kl() -> Divergence:
         direction="KL(pi || q)",
         f=lambda l: -l,
         u_fprime=lambda l: -torch.ones_like(l),
-        weighted=lambda logp, logq: _xlogy_exp(logp, logp - logq),
+        weighted=lambda logp, logq: _x_log_x_over_y(logp, logq),
         growth=0.0,
     )
 
@@ -99,14 +120,14 @@ def _forward_kl() -> Divergence:
         direction="KL(q || pi)",
         f=lambda l: l.exp() * l,
         u_fprime=lambda l: l.exp() * (l + 1),
-        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp),
+        weighted=lambda logp, logq: _x_log_x_over_y(logq, logp),
     )
 
 
 def _jsd_weighted(logp: Tensor, logq: Tensor) -> Tensor:
     # pi f(q/pi) = 1/2 [q log(q/m) + pi log(pi/m)], m = (pi + q) / 2.
     logm = torch.logaddexp(logp, logq) - LOG2
-    return 0.5 * (_xlogy_exp(logq, logq - logm) + _xlogy_exp(logp, logp - logm))
+    return 0.5 * (_x_log_x_over_y(logq, logm) + _x_log_x_over_y(logp, logm))
 
 
 def _jsd() -> Divergence:
@@ -191,9 +212,10 @@ def _alpha(alpha: float | None = None) -> Divergence:
     denom = a * (a - 1.0)
 
     def weighted(logp: Tensor, logq: Tensor) -> Tensor:
-        both = torch.where(
-            (logp > -math.inf) & (logq > -math.inf), ((1 - a) * logp + a * logq).exp(), torch.zeros_like(logp)
-        )
+        positive = (logp > -math.inf) & (logq > -math.inf)
+        zero = torch.zeros_like(logp)
+        mixed_log = (1 - a) * torch.where(positive, logp, zero) + a * torch.where(positive, logq, zero)
+        both = torch.where(positive, mixed_log.exp(), zero)  # pi^(1-a) q^a; both sides finite, no NaN in backward
         if a < 0:  # q = 0 with pi > 0 makes q^a infinite
             both = torch.where((logq == -math.inf) & (logp > -math.inf), torch.full_like(logp, math.inf), both)
         if a > 1:  # pi = 0 with q > 0 makes pi^(1-a) infinite
@@ -218,7 +240,7 @@ def _jeffreys() -> Divergence:
         direction="KL(pi || q) + KL(q || pi)",
         f=lambda l: torch.expm1(l) * l,
         u_fprime=lambda l: l.exp() * l + torch.expm1(l),
-        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp) + _xlogy_exp(logp, logp - logq),
+        weighted=lambda logp, logq: _x_log_x_over_y(logq, logp) + _x_log_x_over_y(logp, logq),
     )
 
 

@@ -1,0 +1,138 @@
+"""Numerics of the math core at the edges: -inf and NaN inputs, overflow, saturation.
+
+The expected values, for every divergence, estimator and loss:
+
+| input                                        | value                                  | gradient           |
+|----------------------------------------------|----------------------------------------|--------------------|
+| vocabulary entry -inf in both logits         | contributes 0                          | contributes 0      |
+| -inf student logit, teacher has mass         | the limit p -> 0: +inf for forward     | the limit (forward |
+|                                              | KL, Jeffreys, Pearson chi2, alpha > 1  | KL: softmax - q),  |
+|                                              |                                        | finite where it is |
+| NaN logit                                    | NaN at that position, never a number   |                    |
+| logits x50 (float64 finite, ~1e74)           | finite (float32: saturated at its max) | finite             |
+| advantages: non-finite student log-prob or   | ValueError naming tensor and position  |                    |
+| NaN teacher log-prob at a loss token         |                                        |                    |
+| advantages: anything at a masked position    | 0                                      |                    |
+| advantages: -inf teacher log-prob            | finite (saturated)                     |                    |
+| log_ratio_clip NaN; normalizer <= 0 or NaN   | ValueError (Python number or tensor)   |                    |
+| float16 advantages 6e4                       | loss -6e4 (accumulated in float64)     | finite             |
+| PPO-clipped term whose ratio overflows       | the clipped value                      | 0                  |
+| custom divergence, log-ratio >= 400          | saturates like the built-in            |                    |
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_divergences import ALL, IDS, reference
+
+import opdplus
+from opdplus.ops.divergences import get_divergence
+from opdplus.ops.signals import topk_divergence
+
+INF = math.inf
+INFINITE_WHEN_STUDENT_IS_ZERO = {"forward_kl", "jeffreys", "pearson_chi2", "alpha(3)"}
+INFINITE_GRADIENT_WHEN_STUDENT_IS_ZERO = {"pearson_chi2", "alpha(3)"}  # grows like a power of 1/p
+
+
+def logits_pair(seed, dtype=torch.float64, B=2, T=3, V=8):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, V, generator=gen, dtype=dtype), torch.randn(B, T, V, generator=gen, dtype=dtype)
+
+
+def value_and_grad(student_logits, teacher_logits, div):
+    student = student_logits.clone().requires_grad_(True)
+    value = opdplus.exact_divergence(student, teacher_logits, div)
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    return value.detach(), grad
+
+
+# --- exact_divergence -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_entry_masked_in_both_logits_contributes_nothing(name, params, dtype):
+    div = get_divergence(name, **params)
+    student, teacher = logits_pair(0, dtype)
+    student[..., 0], teacher[..., 0] = -INF, -INF
+    value, grad = value_and_grad(student, teacher, div)
+    value_without, grad_without = value_and_grad(student[..., 1:], teacher[..., 1:], div)
+    torch.testing.assert_close(value, value_without)
+    assert (grad[..., 0] == 0).all()
+    torch.testing.assert_close(grad[..., 1:], grad_without)
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_student_minus_inf_where_teacher_has_mass(name, params):
+    div = get_divergence(name, **params)
+    student, teacher = logits_pair(1)
+    student[..., 0] = -INF
+    value, grad = value_and_grad(student, teacher, div)
+    p, q = torch.softmax(student, -1).numpy(), torch.softmax(teacher, -1).numpy()
+    with np.errstate(divide="ignore"):
+        expected = reference(name, params, p, q)
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-9, atol=1e-12)
+    if div.label in INFINITE_WHEN_STUDENT_IS_ZERO:
+        assert (value == INF).all()
+    else:
+        assert torch.isfinite(value).all()
+    if div.label in INFINITE_GRADIENT_WHEN_STUDENT_IS_ZERO:
+        return
+    # the limit: the gradient with a logit so low that its probability underflows to exactly 0
+    _, grad_limit = value_and_grad(student.masked_fill(student == -INF, -1e4), teacher, div)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, grad_limit, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_kl_gradient_with_minus_inf_student_is_softmax_minus_teacher():
+    student, teacher = logits_pair(2)
+    student[..., 0] = -INF
+    value, grad = value_and_grad(student, teacher, "forward_kl")
+    assert (value == INF).all()
+    torch.testing.assert_close(grad, torch.softmax(student, -1) - torch.softmax(teacher, -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_nan_logit_gives_nan_at_that_position_only(name, params, side):
+    div = get_divergence(name, **params)
+    student, teacher = logits_pair(3, torch.float32)
+    (student if side == "student" else teacher)[0, 1, 2] = math.nan
+    value = opdplus.exact_divergence(student, teacher, div)
+    assert value[0, 1].isnan()
+    others = torch.ones_like(value, dtype=torch.bool)
+    others[0, 1] = False
+    assert torch.isfinite(value[others]).all()
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_logits_times_50_finite_where_float64_is(name, params):
+    div = get_divergence(name, **params)
+    student, teacher = (50 * x for x in logits_pair(4, torch.float32))
+    value64, grad64 = value_and_grad(student.double(), teacher.double(), div)
+    assert torch.isfinite(value64).all() and torch.isfinite(grad64).all()
+    value, grad = value_and_grad(student, teacher, div)
+    assert value.dtype == torch.float32
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    expected = value64.clamp(max=torch.finfo(torch.float32).max).float()
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_topk_entry_masked_in_both_contributes_nothing(name, params):
+    div = get_divergence(name, **params)
+    student, teacher = logits_pair(7)
+    student[..., 0], teacher[..., 0] = -INF, -INF
+    teacher_logprobs = torch.log_softmax(teacher, -1)
+    ids = torch.arange(8).expand(2, 3, 8)
+
+    student = student.requires_grad_(True)
+    value = topk_divergence(student, ids[..., :4], teacher_logprobs[..., :4], div)
+    (grad,) = torch.autograd.grad(value.sum(), student)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert (grad[..., 0] == 0).all()
+    nan_teacher = teacher_logprobs.clone()
+    nan_teacher[0, 1, 2] = math.nan
+    assert topk_divergence(student.detach(), ids[..., :4], nan_teacher[..., :4], div)[0, 1].isnan()
