@@ -136,3 +136,59 @@ def test_topk_entry_masked_in_both_contributes_nothing(name, params):
     nan_teacher = teacher_logprobs.clone()
     nan_teacher[0, 1, 2] = math.nan
     assert topk_divergence(student.detach(), ids[..., :4], nan_teacher[..., :4], div)[0, 1].isnan()
+
+
+# --- advantages -----------------------------------------------------------------------------------
+
+ESTIMATORS = ("opd", "opd_plus")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+@pytest.mark.parametrize("bad", [-INF, INF, math.nan])
+def test_advantages_reject_non_finite_student_logprob_at_loss_token(name, params, estimator, bad):
+    div = get_divergence(name, **params)
+    student = torch.tensor([[-1.0, bad]], dtype=torch.float64)
+    teacher = torch.tensor([[-2.0, bad]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"student_logprobs\[0, 1\]"):
+        opdplus.advantages(student, teacher, torch.ones(1, 2, dtype=torch.bool), divergence=div, estimator=estimator)
+
+
+def test_advantages_reject_nan_teacher_logprob_at_loss_token():
+    student = torch.tensor([[-1.0, -1.0]])
+    teacher = torch.tensor([[-2.0, math.nan]])
+    with pytest.raises(ValueError, match=r"teacher_logprobs\[0, 1\]"):
+        opdplus.advantages(student, teacher, torch.ones(1, 2, dtype=torch.bool), divergence="jsd", estimator="opd")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_advantages_ignore_anything_at_masked_positions(name, params, estimator):
+    div = get_divergence(name, **params)
+    student = torch.tensor([[-INF, math.nan, INF, -1.0]], dtype=torch.float64)
+    teacher = torch.tensor([[-INF, -1.0, math.nan, -2.0]], dtype=torch.float64)
+    mask = torch.tensor([[False, False, False, True]])
+    adv = opdplus.advantages(student, teacher, mask, divergence=div, estimator=estimator, gamma=1.0)
+    assert (adv[0, :3] == 0).all() and torch.isfinite(adv).all()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("name,params", ALL, ids=IDS)
+def test_advantages_finite_when_teacher_gives_zero_probability(name, params, estimator, gamma):
+    div = get_divergence(name, **params)
+    student = torch.tensor([[-1.0, -0.5, -3.0]])
+    teacher = torch.tensor([[-INF, -1.0, -INF]])
+    adv = opdplus.advantages(
+        student, teacher, torch.ones(1, 3, dtype=torch.bool), divergence=div, estimator=estimator, gamma=gamma
+    )
+    assert torch.isfinite(adv).all()
+
+
+@pytest.mark.parametrize("clip", [math.nan, 0.0, -1.0])
+def test_log_ratio_clip_must_be_a_positive_number(clip):
+    student = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="log_ratio_clip"):
+        opdplus.advantages(
+            student, student, torch.ones(1, 2, dtype=torch.bool), divergence="jsd", estimator="opd", log_ratio_clip=clip
+        )
