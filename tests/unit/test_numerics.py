@@ -29,7 +29,7 @@ from test_divergences import ALL, IDS, reference
 
 import opdplus
 from opdplus.ops.divergences import get_divergence
-from opdplus.ops.signals import topk_divergence
+from opdplus.ops.signals import per_position_divergence_loss, topk_divergence
 
 INF = math.inf
 INFINITE_WHEN_STUDENT_IS_ZERO = {"forward_kl", "jeffreys", "pearson_chi2", "alpha(3)"}
@@ -192,3 +192,62 @@ def test_log_ratio_clip_must_be_a_positive_number(clip):
         opdplus.advantages(
             student, student, torch.ones(1, 2, dtype=torch.bool), divergence="jsd", estimator="opd", log_ratio_clip=clip
         )
+
+
+# --- policy_loss and the per-position loss --------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalizer", [torch.tensor(0.0), torch.tensor(math.nan), torch.tensor(-5.0), -5.0, math.nan])
+def test_normalizer_must_be_positive(normalizer):
+    student = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="normalizer"):
+        opdplus.policy_loss(student, student, torch.ones(1, 2), mask, normalizer=normalizer)
+    with pytest.raises(ValueError, match="normalizer"):
+        per_position_divergence_loss(torch.ones(1, 2), student, student, mask, normalizer=normalizer)
+
+
+def test_float16_advantages_near_the_float16_max_do_not_overflow():
+    student = torch.zeros(1, 4, dtype=torch.float16, requires_grad=True)
+    adv = torch.full((1, 4), 6e4, dtype=torch.float16)
+    loss = opdplus.policy_loss(student, student.detach(), adv, torch.ones(1, 4, dtype=torch.bool))
+    assert loss.item() == pytest.approx(-6e4, rel=1e-3)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("sampler_logprob", [-1000.0, -INF])
+def test_clipped_term_with_overflowing_ratio_has_zero_gradient(sampler_logprob):
+    student = torch.tensor([[0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    sampler = torch.tensor([[sampler_logprob, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    loss = opdplus.policy_loss(student, sampler, adv, torch.ones(1, 2, dtype=torch.bool), clip_eps=0.2)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.item() == pytest.approx(-(1.2 * 1.0 + 2.0) / 2)
+    assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(-1.0)
+
+
+def test_clipping_matches_the_ppo_minimum():
+    gen = torch.Generator().manual_seed(6)
+    student = torch.randn(3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    sampler = student.detach() + 0.5 * torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    adv = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=gen) > 0.2
+    loss = opdplus.policy_loss(student, sampler, adv, mask, clip_eps=0.2)
+    ratio = (student - sampler).exp()
+    expected = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)[mask].sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad(loss, student)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_zero_advantage_term_with_overflowing_ratio_is_zero(clip_eps):
+    student = torch.tensor([[0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    sampler = torch.tensor([[-INF, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    loss = opdplus.policy_loss(student, sampler, adv, torch.ones(1, 2, dtype=torch.bool), clip_eps=clip_eps)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.item() == pytest.approx(-1.0)
+    assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(-1.0)
