@@ -80,12 +80,16 @@ def saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _weighted_from_f(f: Callable[[Tensor], Tensor], growth: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """Default perspective form pi f(q/pi) = exp(logp) f(logq - logp), zero where pi = 0."""
+    """Default perspective form pi f(q/pi) with l = log q - log pi clamped like ``safe_log_ratio``.
+
+    Written from the larger side, pi f(u) where q <= pi and q f(u) / u where q > pi, so it saturates
+    (never 0 * inf) where either probability is 0. Both zero is left to ``Divergence.perspective``.
+    """
+    bound = 600.0 / max(growth, 1.0)  # f is evaluated at u = exp(l), which must stay finite
 
     def weighted(logp: Tensor, logq: Tensor) -> Tensor:
-        bound = 600.0 / max(growth, 1e-6)
-        log_ratio = torch.where(torch.isfinite(logp), logq - logp, torch.zeros_like(logp)).clamp(-bound, bound)
-        return torch.where(logp > -math.inf, logp.exp() * f(log_ratio), torch.zeros_like(logp))
+        log_ratio = (logq - logp).clamp(-bound, bound)
+        return torch.where(log_ratio > 0, logq - log_ratio, logp).exp() * f(log_ratio)
 
     return weighted
 
@@ -279,12 +283,32 @@ def get_divergence(name: str | Divergence, **params: float) -> Divergence:
         raise ValueError(f"divergence {name!r} does not take parameters {sorted(params)}: {err}") from None
 
 
+GROWTH_PROBE = (20.0, 40.0)  # |l| between which the growth of a custom f is measured
+
+
+def measured_growth(f: Callable[[Tensor], Tensor], u_fprime: Callable[[Tensor], Tensor]) -> float:
+    """The k with |f|, |u f'| ~ exp(k |l|): the slope of log(1 + |f| + |u f'|) between |l| = 20 and 40
+    on the steeper side, at least 1 (f of u = exp(l) needs exp(l) finite), so that a custom divergence
+    saturates like the built-ins (k = 2 for f(u) = (u - 1)^2, as for ``pearson_chi2``)."""
+    near, far = GROWTH_PROBE
+    log_ratio = torch.tensor([near, -near, far, -far], dtype=torch.float64)
+    size = torch.log1p(f(log_ratio).abs() + u_fprime(log_ratio).abs())
+    if not torch.isfinite(size).all():
+        raise ValueError(
+            f"f(u) or u f'(u) is not finite at u = exp(+-{far:g}): it grows faster than exp({709 / far:.0f} |log u|) "
+            "or is undefined there; pass growth=k with |f(u)| <= C exp(k |log u|)"
+        )
+    slope = ((size[2:] - size[:2]) / (far - near)).max().item()
+    return max(1.0, round(slope, 6))
+
+
 def divergence_from_f(
-    name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom", growth: float = 1.0
+    name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom", growth: float | None = None
 ) -> Divergence:
     """A divergence from f(u) alone (f convex, f(1) = 0); u f'(u) = d f(exp(l)) / dl by autograd.
 
-    ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|).
+    ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|),
+    measured from f when not given (``measured_growth``).
     """
 
     def f(l: Tensor) -> Tensor:
@@ -296,6 +320,8 @@ def divergence_from_f(
             (grad,) = torch.autograd.grad(f(l_leaf).sum(), l_leaf, create_graph=l.requires_grad)
         return grad
 
+    if growth is None:
+        growth = measured_growth(f, u_fprime)
     return Divergence(name=name, direction=direction, f=f, u_fprime=u_fprime, growth=growth)
 
 
@@ -305,7 +331,7 @@ def register_divergence(
     *,
     factory: Callable[..., Divergence] | None = None,
     direction: str = "custom",
-    growth: float = 1.0,
+    growth: float | None = None,
     overwrite: bool = False,
 ) -> None:
     """Register a divergence by name: from f(u) alone, or a ``factory(**params) -> Divergence``."""

@@ -28,7 +28,7 @@ import torch
 from test_divergences import ALL, IDS, reference
 
 import opdplus
-from opdplus.ops.divergences import get_divergence
+from opdplus.ops.divergences import get_divergence, register_divergence, unregister_divergence
 from opdplus.ops.signals import per_position_divergence_loss, topk_divergence
 
 INF = math.inf
@@ -251,3 +251,47 @@ def test_zero_advantage_term_with_overflowing_ratio_is_zero(clip_eps):
     (grad,) = torch.autograd.grad(loss, student)
     assert loss.item() == pytest.approx(-1.0)
     assert grad[0, 0] == 0 and grad[0, 1] == pytest.approx(-1.0)
+
+
+# --- custom divergences ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def my_chi2():
+    register_divergence("my_chi2", lambda u: (u - 1) ** 2)  # the README's example
+    yield get_divergence("my_chi2")
+    unregister_divergence("my_chi2")
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_custom_divergence_saturates_like_the_builtin(my_chi2, estimator):
+    student = torch.tensor([[0.0, -50.0, -400.0, -500.0, -1000.0]], dtype=torch.float64)
+    teacher = torch.zeros_like(student)
+    mask = torch.ones_like(student, dtype=torch.bool)
+    custom = opdplus.advantages(student, teacher, mask, divergence=my_chi2, estimator=estimator)
+    builtin = opdplus.advantages(student, teacher, mask, divergence="pearson_chi2", estimator=estimator)
+    assert torch.isfinite(custom).all()
+    torch.testing.assert_close(custom, builtin, rtol=1e-9, atol=0)
+    assert my_chi2.growth == get_divergence("pearson_chi2").growth
+
+
+def test_custom_divergence_exact_saturates_where_the_student_is_zero(my_chi2):
+    student, teacher = logits_pair(5)
+    student[..., 0] = -INF
+    value, grad = value_and_grad(student, teacher, my_chi2)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert (value > 1e100).all()  # q e^300, saturated (the built-in pearson_chi2 gives +inf), never 0
+
+
+def test_custom_divergence_exact_finite_with_extreme_logits(my_chi2):
+    student, teacher = (50 * x for x in logits_pair(5))
+    student[..., 0] = -INF
+    student[..., 1], teacher[..., 1] = -INF, -INF
+    value, grad = value_and_grad(student, teacher, my_chi2)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_custom_divergence_growing_too_fast_asks_for_growth():
+    with pytest.raises(ValueError, match="growth"):
+        register_divergence("too_fast", lambda u: torch.exp(u) - math.e)
+    assert "too_fast" not in opdplus.divergence_names()
