@@ -13,6 +13,8 @@ OPD matches only for reverse KL, where u f'(u) = -1 is a constant baseline.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from opdplus.ops.divergences import Divergence, get_divergence
@@ -40,6 +42,24 @@ def check_token_tensors(loss_mask: Tensor, **tensors: Tensor) -> None:
             )
 
 
+def check_logprobs_at_loss_tokens(student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor) -> None:
+    """Raise ValueError at the first loss token whose student log-prob is not finite or whose teacher
+    log-prob is NaN or +inf (one host sync; masked positions may hold anything)."""
+    bad_student = loss_mask & ~student_logprobs.isfinite()
+    bad_teacher = loss_mask & (teacher_logprobs.isnan() | (teacher_logprobs == math.inf))
+    if not bool((bad_student | bad_teacher).any()):
+        return
+    name, tensor, bad = ("student_logprobs", student_logprobs, bad_student)
+    if not bool(bad_student.any()):
+        name, tensor, bad = ("teacher_logprobs", teacher_logprobs, bad_teacher)
+    b, t = (int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"{name}[{b}, {t}] = {float(tensor[b, t])} at a loss token: a sampled token has a finite log-probability "
+        "under the student and a teacher log-probability in [-inf, 0]; set loss_mask False there or fix the "
+        "log-probabilities"
+    )
+
+
 def masked_log_ratio(
     student_logprobs: Tensor, teacher_logprobs: Tensor, loss_mask: Tensor, log_ratio_clip: float | None = None
 ) -> Tensor:
@@ -47,7 +67,7 @@ def masked_log_ratio(
     log_ratio = teacher_logprobs.detach() - student_logprobs.detach()
     log_ratio = torch.where(loss_mask, log_ratio, torch.zeros_like(log_ratio))
     if log_ratio_clip is not None:
-        if log_ratio_clip <= 0:
+        if not log_ratio_clip > 0:  # also rejects NaN
             raise ValueError(f"log_ratio_clip must be > 0, got {log_ratio_clip}")
         log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
     return log_ratio
@@ -112,6 +132,7 @@ def advantages(
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
     div = get_divergence(divergence)
+    check_logprobs_at_loss_tokens(student_logprobs, teacher_logprobs, loss_mask)
     out_dtype = torch.promote_types(student_logprobs.dtype, teacher_logprobs.dtype)
     with torch.no_grad():
         log_ratio = masked_log_ratio(student_logprobs, teacher_logprobs, loss_mask, log_ratio_clip)

@@ -49,6 +49,18 @@ class Divergence:
             return self.name
         return f"{self.name}({', '.join(f'{v:g}' for _, v in self.params)})"
 
+    def perspective(self, logp: Tensor, logq: Tensor) -> Tensor:
+        """pi f(q/pi) per entry from log pi and log q, safe at the edges of the domain.
+
+        An entry where both are zero (-inf in both, a masked vocabulary entry) contributes 0 to the
+        value and to the gradient; a NaN in either input gives NaN, never a number.
+        """
+        both_zero = (logp == -math.inf) & (logq == -math.inf)
+        zero = torch.zeros_like(logp)
+        value = self.weighted(torch.where(both_zero, zero, logp), torch.where(both_zero, zero, logq))
+        value = torch.where(both_zero, zero, value)
+        return torch.where(logp.isnan() | logq.isnan(), torch.full_like(value, math.nan), value)
+
     def safe_log_ratio(self, log_ratio: Tensor) -> Tensor:
         """Clamp l so that exp(growth * l) stays finite in float64 (|growth * l| <= 600).
 
@@ -61,20 +73,33 @@ class Divergence:
         return log_ratio.clamp(-bound, bound)
 
 
+def saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` cast to ``dtype``, finite ones clamped to its finite range (inf and NaN stay)."""
+    finite_max = torch.finfo(dtype).max
+    return torch.where(values.isfinite(), values.clamp(-finite_max, finite_max), values).to(dtype)
+
+
 def _weighted_from_f(f: Callable[[Tensor], Tensor], growth: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """Default perspective form pi f(q/pi) = exp(logp) f(logq - logp), zero where pi = 0."""
+    """Default perspective form pi f(q/pi) with l = log q - log pi clamped like ``safe_log_ratio``.
+
+    Written from the larger side, pi f(u) where q <= pi and q f(u) / u where q > pi, so it saturates
+    (never 0 * inf) where either probability is 0. Both zero is left to ``Divergence.perspective``.
+    """
+    bound = 600.0 / max(growth, 1.0)  # f is evaluated at u = exp(l), which must stay finite
 
     def weighted(logp: Tensor, logq: Tensor) -> Tensor:
-        bound = 600.0 / max(growth, 1e-6)
-        log_ratio = torch.where(torch.isfinite(logp), logq - logp, torch.zeros_like(logp)).clamp(-bound, bound)
-        return torch.where(logp > -math.inf, logp.exp() * f(log_ratio), torch.zeros_like(logp))
+        log_ratio = (logq - logp).clamp(-bound, bound)
+        return torch.where(log_ratio > 0, logq - log_ratio, logp).exp() * f(log_ratio)
 
     return weighted
 
 
-def _xlogy_exp(logx: Tensor, log_y_over_z: Tensor) -> Tensor:
-    """exp(logx) * log_y_over_z, zero where x = 0 (so 0 * inf terms vanish)."""
-    return torch.where(logx > -math.inf, logx.exp() * log_y_over_z, torch.zeros_like(logx))
+def _x_log_x_over_y(logx: Tensor, logy: Tensor) -> Tensor:
+    """x log(x / y) from log x and log y: 0 with gradient 0 where x = 0, +inf where only y = 0."""
+    positive = logx > -math.inf
+    zero = torch.zeros_like(logx)
+    logx, logy = torch.where(positive, logx, zero), torch.where(positive, logy, zero)  # no 0 * inf in backward
+    return torch.where(positive, logx.exp() * (logx - logy), zero)
 
 
 # --- the built-in divergences -------------------------------------------------------------------
@@ -87,7 +112,7 @@ def _reverse_kl() -> Divergence:
         direction="KL(pi || q)",
         f=lambda l: -l,
         u_fprime=lambda l: -torch.ones_like(l),
-        weighted=lambda logp, logq: _xlogy_exp(logp, logp - logq),
+        weighted=lambda logp, logq: _x_log_x_over_y(logp, logq),
         growth=0.0,
     )
 
@@ -99,14 +124,14 @@ def _forward_kl() -> Divergence:
         direction="KL(q || pi)",
         f=lambda l: l.exp() * l,
         u_fprime=lambda l: l.exp() * (l + 1),
-        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp),
+        weighted=lambda logp, logq: _x_log_x_over_y(logq, logp),
     )
 
 
 def _jsd_weighted(logp: Tensor, logq: Tensor) -> Tensor:
     # pi f(q/pi) = 1/2 [q log(q/m) + pi log(pi/m)], m = (pi + q) / 2.
     logm = torch.logaddexp(logp, logq) - LOG2
-    return 0.5 * (_xlogy_exp(logq, logq - logm) + _xlogy_exp(logp, logp - logm))
+    return 0.5 * (_x_log_x_over_y(logq, logm) + _x_log_x_over_y(logp, logm))
 
 
 def _jsd() -> Divergence:
@@ -191,9 +216,10 @@ def _alpha(alpha: float | None = None) -> Divergence:
     denom = a * (a - 1.0)
 
     def weighted(logp: Tensor, logq: Tensor) -> Tensor:
-        both = torch.where(
-            (logp > -math.inf) & (logq > -math.inf), ((1 - a) * logp + a * logq).exp(), torch.zeros_like(logp)
-        )
+        positive = (logp > -math.inf) & (logq > -math.inf)
+        zero = torch.zeros_like(logp)
+        mixed_log = (1 - a) * torch.where(positive, logp, zero) + a * torch.where(positive, logq, zero)
+        both = torch.where(positive, mixed_log.exp(), zero)  # pi^(1-a) q^a; both sides finite, no NaN in backward
         if a < 0:  # q = 0 with pi > 0 makes q^a infinite
             both = torch.where((logq == -math.inf) & (logp > -math.inf), torch.full_like(logp, math.inf), both)
         if a > 1:  # pi = 0 with q > 0 makes pi^(1-a) infinite
@@ -218,7 +244,7 @@ def _jeffreys() -> Divergence:
         direction="KL(pi || q) + KL(q || pi)",
         f=lambda l: torch.expm1(l) * l,
         u_fprime=lambda l: l.exp() * l + torch.expm1(l),
-        weighted=lambda logp, logq: _xlogy_exp(logq, logq - logp) + _xlogy_exp(logp, logp - logq),
+        weighted=lambda logp, logq: _x_log_x_over_y(logq, logp) + _x_log_x_over_y(logp, logq),
     )
 
 
@@ -257,12 +283,32 @@ def get_divergence(name: str | Divergence, **params: float) -> Divergence:
         raise ValueError(f"divergence {name!r} does not take parameters {sorted(params)}: {err}") from None
 
 
+GROWTH_PROBE = (20.0, 40.0)  # |l| between which the growth of a custom f is measured
+
+
+def measured_growth(f: Callable[[Tensor], Tensor], u_fprime: Callable[[Tensor], Tensor]) -> float:
+    """The k with |f|, |u f'| ~ exp(k |l|): the slope of log(1 + |f| + |u f'|) between |l| = 20 and 40
+    on the steeper side, at least 1 (f of u = exp(l) needs exp(l) finite), so that a custom divergence
+    saturates like the built-ins (k = 2 for f(u) = (u - 1)^2, as for ``pearson_chi2``)."""
+    near, far = GROWTH_PROBE
+    log_ratio = torch.tensor([near, -near, far, -far], dtype=torch.float64)
+    size = torch.log1p(f(log_ratio).abs() + u_fprime(log_ratio).abs())
+    if not torch.isfinite(size).all():
+        raise ValueError(
+            f"f(u) or u f'(u) is not finite at u = exp(+-{far:g}): it grows faster than exp({709 / far:.0f} |log u|) "
+            "or is undefined there; pass growth=k with |f(u)| <= C exp(k |log u|)"
+        )
+    slope = ((size[2:] - size[:2]) / (far - near)).max().item()
+    return max(1.0, round(slope, 6))
+
+
 def divergence_from_f(
-    name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom", growth: float = 1.0
+    name: str, f_of_u: Callable[[Tensor], Tensor], *, direction: str = "custom", growth: float | None = None
 ) -> Divergence:
     """A divergence from f(u) alone (f convex, f(1) = 0); u f'(u) = d f(exp(l)) / dl by autograd.
 
-    ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|).
+    ``f_of_u`` must be written with torch operations. ``growth`` is the k with |f(u)| <= C exp(k|l|),
+    measured from f when not given (``measured_growth``).
     """
 
     def f(l: Tensor) -> Tensor:
@@ -274,6 +320,8 @@ def divergence_from_f(
             (grad,) = torch.autograd.grad(f(l_leaf).sum(), l_leaf, create_graph=l.requires_grad)
         return grad
 
+    if growth is None:
+        growth = measured_growth(f, u_fprime)
     return Divergence(name=name, direction=direction, f=f, u_fprime=u_fprime, growth=growth)
 
 
@@ -283,7 +331,7 @@ def register_divergence(
     *,
     factory: Callable[..., Divergence] | None = None,
     direction: str = "custom",
-    growth: float = 1.0,
+    growth: float | None = None,
     overwrite: bool = False,
 ) -> None:
     """Register a divergence by name: from f(u) alone, or a ``factory(**params) -> Divergence``."""

@@ -4,13 +4,15 @@
 
 computed in the perspective form pi f(q/pi) from log-softmaxes, so it stays finite where pi -> 0.
 Differentiable with respect to the student logits (the teacher side is treated as a constant).
+Float64 inside; the result is saturated to the finite range of the logits' dtype (at least float32),
+so it is finite wherever the float64 value is.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opdplus.ops.divergences import Divergence, get_divergence
+from opdplus.ops.divergences import Divergence, get_divergence, saturate
 
 Tensor = torch.Tensor
 
@@ -26,7 +28,7 @@ def exact_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence:
         if not logits.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
     div = get_divergence(divergence)
-    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    student_logp_B_T_V = torch.log_softmax(student_logits.to(compute_dtype), dim=-1)
-    teacher_logp_B_T_V = torch.log_softmax(teacher_logits.detach().to(compute_dtype), dim=-1)
-    return div.weighted(student_logp_B_T_V, teacher_logp_B_T_V).sum(-1)
+    out_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logp_B_T_V = torch.log_softmax(student_logits.double(), dim=-1)
+    teacher_logp_B_T_V = torch.log_softmax(teacher_logits.detach().double(), dim=-1)
+    return saturate(div.perspective(student_logp_B_T_V, teacher_logp_B_T_V).sum(-1), out_dtype)

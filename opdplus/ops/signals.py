@@ -21,8 +21,8 @@ import math
 import torch
 
 from opdplus.ops.advantages import check_token_tensors, discounted_returns
-from opdplus.ops.divergences import Divergence, get_divergence
-from opdplus.ops.loss import policy_loss
+from opdplus.ops.divergences import Divergence, get_divergence, saturate
+from opdplus.ops.loss import check_normalizer, policy_loss
 
 Tensor = torch.Tensor
 TAIL_LOG_FLOOR = -80.0  # tail log-mass never goes below this (e^-80 ~ 2e-35), keeping log(0) out
@@ -52,7 +52,8 @@ def topk_divergence(
 
     ``teacher_topk_logprobs_B_T_K`` are log q(v|c_t) normalised over the full vocabulary (as a
     served teacher returns them); the teacher's tail mass is 1 - sum of them, floored at e^-80. With
-    K = V there is no tail bucket. Differentiable in the student logits; float64 inside.
+    K = V there is no tail bucket. Differentiable in the student logits; float64 inside, saturated
+    to the finite range of the logits' dtype (at least float32) like ``exact_divergence``.
     """
     if student_logits_B_T_V.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits_B_T_V.shape)}")
@@ -80,7 +81,7 @@ def topk_divergence(
             [student_topk_B_T_K, student_tail_B_T.double().clamp(min=TAIL_LOG_FLOOR)[..., None]], -1
         )
         teacher_topk_B_T_K = topk_tail_logprobs(teacher_topk_B_T_K)
-    return div.weighted(student_topk_B_T_K, teacher_topk_B_T_K).sum(-1).to(compute_dtype)
+    return saturate(div.perspective(student_topk_B_T_K, teacher_topk_B_T_K).sum(-1), compute_dtype)
 
 
 def per_position_divergence_loss(
@@ -104,13 +105,18 @@ def per_position_divergence_loss(
     )
     if normalizer is None:
         normalizer = loss_mask.sum().clamp(min=1)
-    local = torch.where(loss_mask, divergence_B_T, torch.zeros_like(divergence_B_T)).sum() / normalizer
+    else:
+        check_normalizer(normalizer)
+    out_dtype = torch.promote_types(divergence_B_T.dtype, torch.float32)
+    divergence_64 = divergence_B_T.double()
+    local = torch.where(loss_mask, divergence_64, torch.zeros_like(divergence_64)).sum() / normalizer
     if gamma == 0.0:
-        return local
-    detached = divergence_B_T.detach()
+        return local.to(out_dtype)
+    detached = divergence_64.detach()
     future_B_T = discounted_returns(detached, loss_mask, gamma) - torch.where(
         loss_mask, detached, torch.zeros_like(detached)
     )
-    return local + policy_loss(
+    future_loss = policy_loss(
         student_logprobs, sampler_logprobs, -future_B_T, loss_mask, clip_eps=clip_eps, normalizer=normalizer
     )
+    return (local + future_loss).to(out_dtype)
