@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opdplus.ops.advantages import ESTIMATORS
+
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-ESTIMATORS = ("opd", "opd_plus")
 
 # The distillation config of every demo run (a complete `opdplus train` config; models are filled in).
 DEMO_TRAIN: dict[str, Any] = {

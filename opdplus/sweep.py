@@ -117,16 +117,19 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
 @torch.no_grad()
 def exact_reverse_kl(student, teacher, batch) -> float:
     """Held-out KL(pi || q) per completion token, exact over the vocabulary at every position of the
-    student's own samples: mean over loss tokens of sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
+    student's own samples (``opdplus.ops.exact_divergence``, float64): the mean over loss tokens of
+    sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
+    from opdplus.ops.exact import exact_divergence
+
     mask_B_T = batch.loss_mask_B_T[:, 1:]
     kwargs = {
         "input_ids": batch.input_ids_B_T,
         "attention_mask": batch.attention_mask_B_T.long(),
         "position_ids": batch.position_ids_B_T,
     }
-    student_lp_B_T_V = torch.log_softmax(student(**kwargs).logits[:, :-1].double(), -1)
-    teacher_lp_B_T_V = torch.log_softmax(teacher(**kwargs).logits[:, :-1].double(), -1)
-    kl_B_T = (student_lp_B_T_V.exp() * (student_lp_B_T_V - teacher_lp_B_T_V)).sum(-1)
+    student_logits_B_T_V = student(**kwargs).logits[:, :-1].double()
+    teacher_logits_B_T_V = teacher(**kwargs).logits[:, :-1].double()
+    kl_B_T = exact_divergence(student_logits_B_T_V, teacher_logits_B_T_V, "reverse_kl")
     kl_B_T = torch.where(mask_B_T, kl_B_T, torch.zeros_like(kl_B_T))
     return float(kl_B_T.sum() / mask_B_T.sum().clamp(min=1))
 
