@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
+from opdplus.rollout.sampler import eos_token_ids
 from opdplus.tasks.base import TaskItem, get_task, render_prompt
 
 # eval task -> (registered task, its options, default max_new_tokens)
@@ -61,20 +62,6 @@ def load_eval_items(eval_task: str, tokenizer: Any, limit: int | None = None) ->
     return task, task.items("eval", n, seed=0)
 
 
-def eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    """End-of-sequence ids: the tokenizer's and the generation config's, plus end-of-turn tokens."""
-    ids: list[int] = []
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in [tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    vocab = tokenizer.get_vocab()
-    for token in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        if token in vocab and vocab[token] not in ids:
-            ids.append(vocab[token])
-    return ids
-
-
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -98,7 +85,7 @@ def generate_batch(
         top_p=None,
         top_k=None,
         pad_token_id=pad_id,
-        eos_token_id=eos_ids(tokenizer, model),
+        eos_token_id=eos_token_ids(tokenizer, model),
         **extra,
     )
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

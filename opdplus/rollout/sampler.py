@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdplus.ops.logprobs import sampling_logprobs
@@ -55,15 +56,45 @@ class _SampleAndRecord(LogitsProcessor):
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
-    """EOS ids from the tokenizer and the model's generation config (chat models often have several)."""
+    """End-of-sequence ids, the one rule for every decode: the tokenizer's EOS, the model generation
+    config's EOS ids (chat models often have several) and the chat template's end-of-turn token."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    candidates = [
+        tokenizer.eos_token_id,
+        *(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]),
+        end_of_turn_id(tokenizer),
+    ]
     ids: list[int] = []
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for value in source if isinstance(source, (list, tuple)) else [source]:
-            if value is not None and value not in ids:
-                ids.append(int(value))
+    for value in candidates:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
     if not ids:
         raise ValueError("the tokenizer and the model define no EOS token; generation could never stop")
     return ids
+
+
+_TURN_PROBE = "opdplus-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``, ...); None without a chat template or when none follows."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        return None  # a template that rejects this conversation: no end-of-turn token to learn from it
+    if not isinstance(text, str) or _TURN_PROBE not in text:
+        return None
+    after = text[text.rindex(_TURN_PROBE) + len(_TURN_PROBE) :]
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    if not ids:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    special = ids[0] in tokenizer.all_special_ids or bool(getattr(added, "special", False))
+    return int(ids[0]) if special else None
 
 
 def pad_token_id(tokenizer) -> int:
