@@ -146,13 +146,15 @@ def evaluate_student(
 ) -> dict[str, float]:
     """``math_acc`` / ``tool_acc`` (greedy, ``items`` held-out items per task) and ``reverse_kl`` (exact,
     per token, on one temperature-1 sample of the student per held-out item)."""
+    from opdplus.eval.runner import greedy_accuracy, held_out_items
     from opdplus.rollout.sampler import Sampler, SamplingSettings
     from opdplus.tasks.base import get_task
-    from opdplus.world import WORLD_TASKS, evaluate
+    from opdplus.world import WORLD_TASKS
 
-    tasks = tasks or WORLD_TASKS
-    accuracy = evaluate(student, tokenizer, tasks, n=items, seed=seed, max_new_tokens=max_new_tokens)
-    held_out = [item for name in tasks for item in get_task(name).items("eval", items, seed)]
+    by_name = {name: get_task(name) for name in tasks or WORLD_TASKS}
+    items_by_task = held_out_items(by_name, items, seed)
+    accuracy = greedy_accuracy(student, tokenizer, by_name, items_by_task, max_new_tokens=max_new_tokens)
+    held_out = [item for task_items in items_by_task.values() for item in task_items]
     generator = torch.Generator().manual_seed(seed)
     sampler = Sampler(student, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=256), generator)
     kls, weights = [], []
@@ -166,17 +168,6 @@ def evaluate_student(
     return result
 
 
-def load_model(directory: str | Path):
-    """A causal LM (float32, eval mode) and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(directory)
-
-
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +175,7 @@ def load_model(directory: str | Path):
 
 def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
+    from opdplus.models.load import load_model_and_tokenizer
     from opdplus.train.config import TrainConfig, from_dict, validate
     from opdplus.train.loop import train
 
@@ -195,8 +187,8 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: the run saved no checkpoint to evaluate")
-    student, tokenizer = load_model(result.checkpoint / "model")
-    teacher, _ = load_model(cfg.teacher.model)
+    student, tokenizer = load_model_and_tokenizer(str(result.checkpoint / "model"))
+    teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     metrics = evaluate_student(
         student,

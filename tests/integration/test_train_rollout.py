@@ -82,8 +82,9 @@ def test_sampler_is_deterministic_per_generator_seed(student, tok):
     assert not torch.equal(a.input_ids_B_T, c.input_ids_B_T) or a.input_ids_B_T.shape != c.input_ids_B_T.shape
 
 
-def test_top_k_one_is_greedy(student, tok):
-    batch = _sample(student, tok, top_k=1, max_new_tokens=6)
+@pytest.mark.parametrize("greedy", [{"greedy": True}, {"top_k": 1}], ids=["greedy", "top_k_1"])
+def test_greedy_setting_and_top_k_one_take_the_argmax(student, tok, greedy):
+    batch = _sample(student, tok, max_new_tokens=6, **greedy)
     logits = student(
         input_ids=batch.input_ids_B_T,
         attention_mask=batch.attention_mask_B_T.long(),
