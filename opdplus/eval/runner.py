@@ -129,11 +129,13 @@ def greedy_accuracy(
 ) -> dict[str, float]:
     """Mean score of greedy completions per task; one decode per task, so a task's number does not
     depend on the other tasks' prompts."""
-    decode = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "sampler_cls": sampler_cls}
-    return {
-        name: mean_score(tasks[name], task_items, greedy_completions(model, tokenizer, task_items, **decode))
-        for name, task_items in items_by_task.items()
-    }
+    scores = {}
+    for name, task_items in items_by_task.items():
+        texts = greedy_completions(
+            model, tokenizer, task_items, max_new_tokens=max_new_tokens, batch_size=batch_size, sampler_cls=sampler_cls
+        )
+        scores[name] = mean_score(tasks[name], task_items, texts)
+    return scores
 
 
 def _parsed(task: Any, item: TaskItem, completion: str) -> Any:

@@ -69,6 +69,7 @@ def make_student(teacher: str, layers: int, out_dir: str | Path, strategy: str =
     """Save a ``layers``-layer student of ``teacher`` (any model spec) to ``out_dir``; returns kept indices."""
     from opdplus.models.load import load_model_and_tokenizer
 
+    model: Any
     model, tokenizer = load_model_and_tokenizer(teacher)
     keep_idx = prune_to(model, layers, strategy)
     out = Path(out_dir)

@@ -63,8 +63,15 @@ def evaluate(
     batch = sampler_cls(model, tokenizer, settings, generator).sample(items)
     batch.teacher_logprobs_B_T = teacher.score(batch)
     if score_decoding == "greedy":
-        decode = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "sampler_cls": sampler_cls}
-        scores = greedy_accuracy(model, tokenizer, tasks, items_by_task, **decode)
+        scores = greedy_accuracy(
+            model,
+            tokenizer,
+            tasks,
+            items_by_task,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            sampler_cls=sampler_cls,
+        )
     else:
         scores = mean_scores(tasks, items_by_task, completion_texts(tokenizer, batch, items))
     kl_B_T = sampled_kl_B_T(batch.sampler_logprobs_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T)
