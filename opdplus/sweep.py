@@ -115,16 +115,19 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
 @torch.no_grad()
 def exact_reverse_kl(student, teacher, batch) -> float:
     """Held-out KL(pi || q) per completion token, exact over the vocabulary at every position of the
-    student's own samples: mean over loss tokens of sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
+    student's own samples (``opdplus.ops.exact_divergence``, float64): the mean over loss tokens of
+    sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
+    from opdplus.ops.exact import exact_divergence
+
     mask_B_T = batch.loss_mask_B_T[:, 1:]
     kwargs = {
         "input_ids": batch.input_ids_B_T,
         "attention_mask": batch.attention_mask_B_T.long(),
         "position_ids": batch.position_ids_B_T,
     }
-    student_lp_B_T_V = torch.log_softmax(student(**kwargs).logits[:, :-1].double(), -1)
-    teacher_lp_B_T_V = torch.log_softmax(teacher(**kwargs).logits[:, :-1].double(), -1)
-    kl_B_T = (student_lp_B_T_V.exp() * (student_lp_B_T_V - teacher_lp_B_T_V)).sum(-1)
+    student_logits_B_T_V = student(**kwargs).logits[:, :-1].double()
+    teacher_logits_B_T_V = teacher(**kwargs).logits[:, :-1].double()
+    kl_B_T = exact_divergence(student_logits_B_T_V, teacher_logits_B_T_V, "reverse_kl")
     kl_B_T = torch.where(mask_B_T, kl_B_T, torch.zeros_like(kl_B_T))
     return float(kl_B_T.sum() / mask_B_T.sum().clamp(min=1))
 
@@ -141,13 +144,15 @@ def evaluate_student(
 ) -> dict[str, float]:
     """``math_acc`` / ``tool_acc`` (greedy, ``items`` held-out items per task) and ``reverse_kl`` (exact,
     per token, on one temperature-1 sample of the student per held-out item)."""
+    from opdplus.eval.runner import greedy_accuracy, held_out_items
     from opdplus.rollout.sampler import Sampler, SamplingSettings
     from opdplus.tasks.base import get_task
-    from opdplus.world.build import WORLD_TASKS, evaluate
+    from opdplus.world.build import WORLD_TASKS
 
-    tasks = tasks or WORLD_TASKS
-    accuracy = evaluate(student, tokenizer, tasks, n=items, seed=seed, max_new_tokens=max_new_tokens)
-    held_out = [item for name in tasks for item in get_task(name).items("eval", items, seed)]
+    by_name = {name: get_task(name) for name in tasks or WORLD_TASKS}
+    items_by_task = held_out_items(by_name, items, seed)
+    accuracy = greedy_accuracy(student, tokenizer, by_name, items_by_task, max_new_tokens=max_new_tokens)
+    held_out = [item for task_items in items_by_task.values() for item in task_items]
     generator = torch.Generator().manual_seed(seed)
     sampler = Sampler(student, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=256), generator)
     kls, weights = [], []
@@ -161,17 +166,6 @@ def evaluate_student(
     return result
 
 
-def load_model(directory: str | Path):
-    """A causal LM (float32, eval mode) and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(directory)
-
-
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +173,7 @@ def load_model(directory: str | Path):
 
 def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
+    from opdplus.models.load import load_model_and_tokenizer
     from opdplus.train.config import TrainConfig, from_dict, validate
     from opdplus.train.loop import train
 
@@ -190,8 +185,8 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: the run saved no checkpoint to evaluate")
-    student, tokenizer = load_model(result.checkpoint / "model")
-    teacher, _ = load_model(cfg.teacher.model)
+    student, tokenizer = load_model_and_tokenizer(str(result.checkpoint / "model"))
+    teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     metrics = evaluate_student(
         student,

@@ -1,5 +1,9 @@
 """The evaluation driver: batched greedy generation over a task's eval items, scored by the task.
 
+Greedy completions come from the rollout sampler with ``greedy=True`` (``greedy_completions``): the same
+decode loop and end-of-sequence rule as training rollouts. Decoded text is cut at the item's first stop
+string (``meta["stop"]``) before it is scored or recorded (``completion_texts``).
+
 Prompts are rendered exactly as in training (``render_prompt``; chat-rendered text carries its own
 special tokens, plain text gets the tokenizer's). A model without a chat template gets the tasks'
 plain prompt format; a chat template that renders tools gets the BFCL functions as tools, any other
@@ -15,7 +19,10 @@ from typing import Any, TextIO
 
 import torch
 
-from opdplus.tasks.base import TaskItem, get_task, render_prompt
+from opdplus.rollout.sampler import Sampler, SamplingSettings
+from opdplus.rollout.types import RolloutBatch
+from opdplus.tasks.base import Task, TaskItem, get_task, render_prompt
+from opdplus.tasks.math import cut_at_stop
 
 # eval task -> (registered task, its options, default max_new_tokens)
 EVAL_TASKS: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -61,47 +68,74 @@ def load_eval_items(eval_task: str, tokenizer: Any, limit: int | None = None) ->
     return task, task.items("eval", n, seed=0)
 
 
-def eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    """End-of-sequence ids: the tokenizer's and the generation config's, plus end-of-turn tokens."""
-    ids: list[int] = []
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in [tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    vocab = tokenizer.get_vocab()
-    for token in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        if token in vocab and vocab[token] not in ids:
-            ids.append(vocab[token])
-    return ids
+def completion_texts(tokenizer: Any, batch: RolloutBatch, items: list[TaskItem]) -> list[str]:
+    """The decoded completion of each row (special tokens such as EOS dropped), cut at its item's first
+    stop string (``meta["stop"]``, ``cut_at_stop``): the text that is scored. One row per item."""
+    if batch.batch_size != len(items):
+        raise ValueError(f"{batch.batch_size} completions for {len(items)} items; expected one per item")
+    completion_B_C = batch.input_ids_B_T[:, batch.prompt_len :]
+    mask_B_C = batch.loss_mask_B_T[:, batch.prompt_len :]
+    return [
+        cut_at_stop(tokenizer.decode(row[keep].tolist(), skip_special_tokens=True), item.meta.get("stop"))
+        for row, keep, item in zip(completion_B_C, mask_B_C, items)
+    ]
 
 
-@torch.no_grad()
-def generate_batch(
+def greedy_completions(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
-    add_special_tokens: bool,
+    items: list[TaskItem],
+    *,
     max_new_tokens: int,
-    stop_strings: list[str] | None = None,
+    batch_size: int = 64,
+    sampler_cls: type = Sampler,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batch); special tokens removed."""
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids(tokenizer, model),
-        **extra,
-    )
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    """Greedy completion texts of ``items``: the rollout sampler with ``greedy=True``, ``batch_size``
+    prompts per decode, then ``completion_texts``."""
+    device = next(model.parameters()).device
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=True)
+    batch = sampler_cls(model, tokenizer, settings, torch.Generator(device=device)).sample(items)
+    return completion_texts(tokenizer, batch, items)
+
+
+def held_out_items(tasks: dict[str, Task], n: int, seed: int) -> dict[str, list[TaskItem]]:
+    """The first ``n`` eval-split items of every task, drawn with ``seed``."""
+    return {name: task.items("eval", n, seed=seed) for name, task in tasks.items()}
+
+
+def mean_score(task: Task, items: list[TaskItem], texts: list[str]) -> float:
+    """Mean ``task.score`` of ``texts`` (aligned with ``items``)."""
+    return sum(task.score(item, text) for item, text in zip(items, texts)) / max(len(items), 1)
+
+
+def mean_scores(tasks: dict[str, Task], items_by_task: dict[str, list[TaskItem]], texts: list[str]) -> dict[str, float]:
+    """``mean_score`` per task of ``texts`` (aligned with the items, task by task)."""
+    scores, offset = {}, 0
+    for name, task_items in items_by_task.items():
+        scores[name] = mean_score(tasks[name], task_items, texts[offset : offset + len(task_items)])
+        offset += len(task_items)
+    return scores
+
+
+def greedy_accuracy(
+    model: Any,
+    tokenizer: Any,
+    tasks: dict[str, Task],
+    items_by_task: dict[str, list[TaskItem]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 256,
+    sampler_cls: type = Sampler,
+) -> dict[str, float]:
+    """Mean score of greedy completions per task; one decode per task, so a task's number does not
+    depend on the other tasks' prompts."""
+    scores = {}
+    for name, task_items in items_by_task.items():
+        texts = greedy_completions(
+            model, tokenizer, task_items, max_new_tokens=max_new_tokens, batch_size=batch_size, sampler_cls=sampler_cls
+        )
+        scores[name] = mean_score(tasks[name], task_items, texts)
+    return scores
 
 
 def _parsed(task: Any, item: TaskItem, completion: str) -> Any:
@@ -127,17 +161,14 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task, items = task_and_items or load_eval_items(eval_task, tokenizer, limit)
     max_new = max_new_tokens or EVAL_TASKS[eval_task][2]
-    model.eval()
     samples = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        prompts = [render_prompt(tokenizer, item) for item in batch]
-        stops = sorted({s for item in batch for s in item.meta.get("stop", [])})
-        completions = generate_batch(model, tokenizer, prompts, isinstance(batch[0].prompt, str), max_new, stops)
-        for item, prompt, completion in zip(batch, prompts, completions):
+        completions = greedy_completions(model, tokenizer, batch, max_new_tokens=max_new, batch_size=batch_size)
+        for item, completion in zip(batch, completions):
             record = {
                 "id": item.id,
-                "prompt": prompt,
+                "prompt": render_prompt(tokenizer, item),
                 "completion": completion,
                 "parsed": _parsed(task, item, completion),
                 "correct": task.score(item, completion) == 1.0,

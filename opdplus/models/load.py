@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
 
@@ -69,8 +70,11 @@ def load_model_and_tokenizer(
     device: str | torch.device = "cpu",
     tiny: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)``; ``model="tiny"`` builds a random Llama of shape ``tiny`` (kwargs of
-    ``build_tiny_model``) over the character tokenizer (or over ``tokenizer`` when given)."""
+    """``(model, tokenizer)``, the one model loader: ``model`` is a local HF directory or a
+    ``gguf:<package>/<file.gguf>`` spec (converted once, ``opdplus.models.sources``); ``model="tiny"``
+    builds a random Llama of shape ``tiny`` (kwargs of ``build_tiny_model``) over the character
+    tokenizer (or over ``tokenizer`` when given). Loading shows no progress bars."""
+    hf_logging.disable_progress_bar()
     if model == TINY:
         tok = load_tokenizer(tokenizer) if tokenizer else build_char_tokenizer()
         lm = build_tiny_model(

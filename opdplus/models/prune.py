@@ -57,18 +57,22 @@ def prune_layers(model: Any, keep_idx: list[int]) -> Any:
     return model
 
 
-def make_student(teacher: str, layers: int, out_dir: str | Path, strategy: str = "uniform") -> list[int]:
-    """Save a ``layers``-layer student of ``teacher`` (any model spec) to ``out_dir``; returns kept indices."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from opdplus.models.sources import resolve_model
-
-    source = resolve_model(teacher)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+def prune_to(model: Any, layers: int, strategy: str = "uniform") -> list[int]:
+    """Keep ``layers`` of ``model``'s decoder layers, chosen by ``strategy``, in place; returns their indices."""
     keep_idx = select_layers(model.config.num_hidden_layers, layers, strategy)
     prune_layers(model, keep_idx)
+    return keep_idx
+
+
+def make_student(teacher: str, layers: int, out_dir: str | Path, strategy: str = "uniform") -> list[int]:
+    """Save a ``layers``-layer student of ``teacher`` (any model spec) to ``out_dir``; returns kept indices."""
+    from opdplus.models.load import load_model_and_tokenizer
+
+    model: Any
+    model, tokenizer = load_model_and_tokenizer(teacher)
+    keep_idx = prune_to(model, layers, strategy)
     out = Path(out_dir)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / "STUDENT").write_text(f"teacher: {teacher}\nstrategy: {strategy}\nkept_layers: {keep_idx}\n")
     return keep_idx

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from opdplus.ops.divergences import Divergence, get_divergence
 from opdplus.ops.exact import exact_divergence
-from opdplus.ops.logprobs import positions_per_chunk
+from opdplus.ops.logprobs import map_position_chunks
 from opdplus.ops.signals import topk_divergence
 
 Tensor = torch.Tensor
@@ -34,20 +33,6 @@ def _check_hidden(student_hidden_B_T_H: Tensor, chunk_size: int) -> None:
         raise ValueError(f"student_hidden must be [B, T, H], got shape {tuple(student_hidden_B_T_H.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
-def _map_chunks(
-    fn: Callable[..., Tensor], student_hidden_B_T_H: Tensor, per_position: tuple[Tensor, ...], chunk_size: int
-) -> Tensor:
-    """Concatenate fn(hidden chunk, *per-position chunks) over chunks of positions, checkpointed."""
-    positions = positions_per_chunk(chunk_size, student_hidden_B_T_H.shape[0])
-    use_checkpoint = torch.is_grad_enabled() and student_hidden_B_T_H.requires_grad
-    pieces = []
-    for start in range(0, student_hidden_B_T_H.shape[1], positions):
-        window = slice(start, start + positions)
-        args = (student_hidden_B_T_H[:, window], *(t[:, window] for t in per_position))
-        pieces.append(checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args))
-    return torch.cat(pieces, dim=1)
 
 
 def chunked_exact_divergence(
@@ -77,7 +62,7 @@ def chunked_exact_divergence(
             teacher_logits_B_C_V = _at_least_float32(teacher_head(teacher_hidden_B_C_H))
         return exact_divergence(_at_least_float32(student_head(student_hidden_B_C_H)), teacher_logits_B_C_V, div)
 
-    return _map_chunks(chunk, student_hidden_B_T_H, (teacher_hidden_B_T_H.detach(),), chunk_size)
+    return map_position_chunks(chunk, (student_hidden_B_T_H, teacher_hidden_B_T_H.detach()), chunk_size)
 
 
 def chunked_topk_divergence(
@@ -96,6 +81,8 @@ def chunked_topk_divergence(
     def chunk(student_hidden_B_C_H: Tensor, ids_B_C_K: Tensor, logprobs_B_C_K: Tensor) -> Tensor:
         return topk_divergence(_at_least_float32(student_head(student_hidden_B_C_H)), ids_B_C_K, logprobs_B_C_K, div)
 
-    return _map_chunks(
-        chunk, student_hidden_B_T_H, (teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K.detach()), chunk_size
+    return map_position_chunks(
+        chunk,
+        (student_hidden_B_T_H, teacher_topk_ids_B_T_K, teacher_topk_logprobs_B_T_K.detach()),
+        chunk_size,
     )

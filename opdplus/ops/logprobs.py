@@ -40,6 +40,24 @@ def positions_per_chunk(chunk_tokens: int, rows: int) -> int:
     return max(1, chunk_tokens // max(rows, 1))
 
 
+def map_position_chunks(
+    fn: Callable[..., torch.Tensor], per_position: tuple[torch.Tensor, ...], chunk_size: int
+) -> torch.Tensor:
+    """``fn(*chunks)`` over blocks of positions of the [B, T, ...] tensors ``per_position`` (about
+    ``chunk_size`` tokens a block), concatenated along T. When the first tensor needs a gradient each
+    block is recomputed in the backward pass (activation checkpointing), so only one block of logits
+    is held at a time."""
+    first_B_T = per_position[0]
+    positions = positions_per_chunk(chunk_size, first_B_T.shape[0])
+    use_checkpoint = torch.is_grad_enabled() and first_B_T.requires_grad
+    pieces = []
+    for start in range(0, first_B_T.shape[1], positions):
+        window = (slice(None), slice(start, start + positions))
+        chunks = tuple(t[window] for t in per_position)
+        pieces.append(checkpoint(fn, *chunks, use_reentrant=False) if use_checkpoint else fn(*chunks))
+    return torch.cat(pieces, dim=1)
+
+
 def chunked_target_logprobs(
     hidden_B_T_H: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -61,22 +79,13 @@ def chunked_target_logprobs(
             f"expected hidden_B_T_H [B, T, H] and targets_B_T [B, T], got {tuple(hidden_B_T_H.shape)} "
             f"and {tuple(targets_B_T.shape)}"
         )
-    positions = positions_per_chunk(chunk_size, hidden_B_T_H.shape[0])
-    use_checkpoint = torch.is_grad_enabled() and hidden_B_T_H.requires_grad
-    pieces = []
-    for start in range(0, hidden_B_T_H.shape[1], positions):
-        hidden_B_C_H = hidden_B_T_H[:, start : start + positions]
-        targets_B_C = targets_B_T[:, start : start + positions]
-        if use_checkpoint:
-            piece = checkpoint(
-                _chunk_logprobs, head, hidden_B_C_H, targets_B_C, temperature, logit_softcap, use_reentrant=False
-            )
-        else:
-            piece = _chunk_logprobs(head, hidden_B_C_H, targets_B_C, temperature, logit_softcap)
-        pieces.append(piece)
-    if not pieces:
+    if hidden_B_T_H.shape[1] == 0:
         return hidden_B_T_H.new_zeros(targets_B_T.shape, dtype=torch.float32)
-    return torch.cat(pieces, dim=1)
+
+    def chunk(hidden_B_C_H: torch.Tensor, targets_B_C: torch.Tensor) -> torch.Tensor:
+        return _chunk_logprobs(head, hidden_B_C_H, targets_B_C, temperature, logit_softcap)
+
+    return map_position_chunks(chunk, (hidden_B_T_H, targets_B_T), chunk_size)
 
 
 def naive_target_logprobs(

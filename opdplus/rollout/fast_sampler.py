@@ -13,9 +13,9 @@ because it skips ``generate``'s per-step machinery and wasted work:
 * **Direct decode step** (``DirectDecoder``) for Llama-family models (llama, mistral, qwen2, qwen3): each
   step calls the model's own modules (LoRA layers included) without HF's per-call mask building and
   output plumbing; other models use their HF forward with the same cache.
-* Tokens are drawn from the same distribution as ``Sampler`` (``sampling_logprobs``, the sampler's own
-  generator) by inverse-CDF sampling, ~8x cheaper than ``torch.multinomial`` on CPU; the drawn token's
-  log-prob is recorded (greedy = ``top_k=1``).
+* Tokens are drawn by the same ``draw_tokens`` as ``Sampler`` (same distribution, the sampler's own
+  generator) with inverse-CDF sampling, ~8x cheaper than ``torch.multinomial`` on CPU; the drawn token's
+  log-prob is recorded. ``SamplingSettings(greedy=True)`` takes the argmax in the same loop.
 * ``compile=True`` wraps the decode step in ``torch.compile(dynamic=True)``. Measured on CPU
   (``bench/sampler.py``) it gains a few percent after a compile of tens of seconds, so it is off by default.
 
@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from opdplus.models.forward import decoder_and_head, unwrap_model
-from opdplus.ops.logprobs import sampling_logprobs
-from opdplus.rollout.sampler import Sampler, SamplingSettings
+from opdplus.rollout.sampler import Sampler, SamplingSettings, draw_tokens
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -213,7 +212,7 @@ class FastSampler(Sampler):
         logprobs_B_C = torch.zeros((batch, steps), device=device)
         used = 0
         for step in range(steps):
-            token_b, logprob_b = self._draw(logits_b_V)
+            token_b, logprob_b = draw_tokens(logits_b_V, self.settings, self.generator, inverse_cdf_sample)
             tokens_B_C[rows_b, step] = token_b
             logprobs_B_C[rows_b, step] = logprob_b
             used = step + 1
@@ -258,16 +257,6 @@ class FastSampler(Sampler):
             use_cache=True,
             **{self._cache_kwarg: cache},
         ).logits[:, -1]
-
-    def _draw(self, logits_b_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A token per row from the sampler's distribution, and its log-prob under that distribution."""
-        s = self.settings
-        if s.is_untempered:  # the student's own distribution: skip sampling_logprobs' filtering passes
-            logprobs_b_V = torch.log_softmax(logits_b_V.float(), dim=-1)
-        else:
-            logprobs_b_V = sampling_logprobs(logits_b_V, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-        token_b = inverse_cdf_sample(logprobs_b_V, self.generator)
-        return token_b, logprobs_b_V.gather(-1, token_b[:, None]).squeeze(-1)
 
 
 def inverse_cdf_sample(logprobs_b_V: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -4,14 +4,21 @@ Sampling is done by a logits processor that draws each token from ``sampling_log
 sampler's own ``torch.Generator`` (saved in checkpoints, so a resumed run draws the same tokens) and
 records the drawn token's log-prob; ``generate`` itself runs greedy over the forced choice. The
 recorded ``sampler_logprobs`` are therefore exactly those of the distribution sampled from.
+
+Every decode of the project goes through this sampler or its twin ``FastSampler``: training rollouts,
+the training eval hook, benchmark evaluation and the demo world. Greedy decoding is the same code with
+``SamplingSettings(greedy=True)`` (``draw_tokens`` takes the argmax; the recorded log-prob is 0, that of
+a point mass), and ``eos_token_ids`` is the one end-of-sequence rule.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdplus.ops.logprobs import sampling_logprobs
@@ -27,11 +34,39 @@ class SamplingSettings:
     top_k: int = 0  # 0 = no top-k
     top_p: float = 1.0  # 1 = no nucleus cut
     batch_size: int = 64  # rows per generate call
+    greedy: bool = False  # argmax at every step (evaluation); temperature, top_k and top_p are then unused
 
     @property
     def is_untempered(self) -> bool:
         """True when the sampler draws from the student's own distribution (on-policy)."""
-        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+        return not self.greedy and self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+def multinomial_sample(logprobs_B_V: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from ``softmax(logprobs)`` by ``torch.multinomial``."""
+    return torch.multinomial(logprobs_B_V.exp(), 1, generator=generator).squeeze(-1)
+
+
+def draw_tokens(
+    logits_B_V: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator,
+    sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = multinomial_sample,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_B, logprob_B)``: the next token of every row and its log-prob under the distribution
+    drawn from (``sampling_logprobs`` of ``settings``, sampled with ``sample``); with ``settings.greedy``
+    the argmax of the logits, with log-prob 0."""
+    if settings.greedy:
+        token_B = logits_B_V.argmax(-1)
+        return token_B, torch.zeros(token_B.shape, device=logits_B_V.device)
+    if settings.is_untempered:  # the student's own distribution: skip sampling_logprobs' filtering passes
+        logprobs_B_V = torch.log_softmax(logits_B_V.float(), dim=-1)
+    else:
+        logprobs_B_V = sampling_logprobs(
+            logits_B_V, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p
+        )
+    token_B = sample(logprobs_B_V, generator)
+    return token_B, logprobs_B_V.gather(-1, token_B[:, None]).squeeze(-1)
 
 
 class _SampleAndRecord(LogitsProcessor):
@@ -44,26 +79,53 @@ class _SampleAndRecord(LogitsProcessor):
         self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logprobs_B_V = sampling_logprobs(
-            scores, temperature=self.settings.temperature, top_k=self.settings.top_k, top_p=self.settings.top_p
-        )
-        token_B = torch.multinomial(logprobs_B_V.exp(), 1, generator=self.generator).squeeze(-1)
+        token_B, logprob_B = draw_tokens(scores, self.settings, self.generator)
         self.tokens.append(token_B)
-        self.logprobs.append(logprobs_B_V.gather(-1, token_B[:, None]).squeeze(-1))
+        self.logprobs.append(logprob_B)
         forced_B_V = torch.full_like(scores, float("-inf"))
         return forced_B_V.scatter(-1, token_B[:, None], 0.0)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:
-    """EOS ids from the tokenizer and the model's generation config (chat models often have several)."""
+    """End-of-sequence ids, the one rule for every decode: the tokenizer's EOS, the model generation
+    config's EOS ids (chat models often have several) and the chat template's end-of-turn token."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    candidates = [
+        tokenizer.eos_token_id,
+        *(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]),
+        end_of_turn_id(tokenizer),
+    ]
     ids: list[int] = []
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        for value in source if isinstance(source, (list, tuple)) else [source]:
-            if value is not None and value not in ids:
-                ids.append(int(value))
+    for value in candidates:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
     if not ids:
         raise ValueError("the tokenizer and the model define no EOS token; generation could never stop")
     return ids
+
+
+_TURN_PROBE = "opdplus-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``, ...); None without a chat template or when none follows."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        return None  # a template that rejects this conversation: no end-of-turn token to learn from it
+    if not isinstance(text, str) or _TURN_PROBE not in text:
+        return None
+    after = text[text.rindex(_TURN_PROBE) + len(_TURN_PROBE) :]
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    if not ids:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    special = ids[0] in tokenizer.all_special_ids or bool(getattr(added, "special", False))
+    return int(ids[0]) if special else None
 
 
 def pad_token_id(tokenizer) -> int:
@@ -105,7 +167,7 @@ class Sampler:
     """Samples ``samples_per_prompt`` completions per task item from ``model``."""
 
     def __init__(self, model, tokenizer, settings: SamplingSettings, generator: torch.Generator) -> None:
-        if settings.temperature != 1.0:
+        if settings.temperature != 1.0 and not settings.greedy:
             warnings.warn(
                 f"sampling temperature {settings.temperature} != 1: rollouts are off-policy for the student; "
                 "the importance ratio uses the tempered sampler log-probs",

@@ -1,5 +1,8 @@
 """The eval hook: held-out prompts -> student samples -> teacher reverse KL and task scores.
 
+Decoding (sampled and greedy) and scoring go through ``opdplus.eval.runner`` (the rollout sampler), the
+divergences through ``opdplus.ops``.
+
 Sampling uses its own generator, seeded from ``seed``, so evaluating never changes the training run's
 random stream (and a resumed run evaluates exactly like an uninterrupted one).
 """
@@ -12,37 +15,24 @@ from typing import Any
 
 import torch
 
+from opdplus.eval.runner import completion_texts, greedy_accuracy, held_out_items, mean_scores
 from opdplus.models.forward import completion_logprobs
+from opdplus.ops.advantages import masked_log_ratio
+from opdplus.ops.divergences import get_divergence
 from opdplus.rollout.sampler import Sampler, SamplingSettings
-from opdplus.rollout.types import RolloutBatch, Teacher
+from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task, TaskItem
 from opdplus.train.metrics import masked_mean
 
 
-def completion_texts(tokenizer: Any, batch: RolloutBatch) -> list[str]:
-    """Decoded completions (special tokens such as EOS dropped)."""
-    completion_B_C = batch.input_ids_B_T[:, batch.prompt_len :]
-    mask_B_C = batch.loss_mask_B_T[:, batch.prompt_len :]
-    return [
-        tokenizer.decode(row[keep].tolist(), skip_special_tokens=True) for row, keep in zip(completion_B_C, mask_B_C)
-    ]
-
-
-def sequence_reverse_kl(batch: RolloutBatch) -> torch.Tensor:
-    """Per-row sampled estimate of KL(pi || q) = sum_t (log pi - log q) over the completion, [B]."""
-    log_ratio_B_T = torch.where(batch.loss_mask_B_T, batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, 0.0)
-    return log_ratio_B_T.double().sum(-1)
-
-
-def task_scores(tasks: dict[str, Task], items_by_task: dict[str, list[TaskItem]], texts: list[str]) -> dict[str, float]:
-    """``eval/<task>/score`` per task (texts aligned with the items, task by task) and their mean ``eval/score``."""
-    metrics, offset = {}, 0
-    for name, task_items in items_by_task.items():
-        scores = [tasks[name].score(item, text) for item, text in zip(task_items, texts[offset:])]
-        offset += len(task_items)
-        metrics[f"eval/{name}/score"] = sum(scores) / max(len(scores), 1)
-    metrics["eval/score"] = sum(metrics.values()) / len(metrics)
-    return metrics
+def sampled_kl_B_T(
+    sampler_logprobs_B_T: torch.Tensor, other_logprobs_B_T: torch.Tensor, loss_mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """Per-token sampled estimate of KL(sampler || other) on the sampler's own tokens, float64, 0 off the
+    mask: reverse KL's f(l) = -l with l = log other - log sampler (``opdplus.ops``). On student samples
+    scored by the teacher it is KL(pi || q); on teacher samples scored by the student, KL(q || pi)."""
+    log_ratio_B_T = masked_log_ratio(sampler_logprobs_B_T, other_logprobs_B_T, loss_mask_B_T).double()
+    return get_divergence("reverse_kl").f(log_ratio_B_T)
 
 
 def evaluate(
@@ -68,20 +58,29 @@ def evaluate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    items_by_task = {name: task.items("eval", num_prompts, seed=seed) for name, task in tasks.items()}
+    items_by_task = held_out_items(tasks, num_prompts, seed)
     items: list[TaskItem] = [item for task_items in items_by_task.values() for item in task_items]
     batch = sampler_cls(model, tokenizer, settings, generator).sample(items)
     batch.teacher_logprobs_B_T = teacher.score(batch)
     if score_decoding == "greedy":
-        greedy = sampler_cls(model, tokenizer, replace(settings, top_k=1), generator).sample(items)
-        texts = completion_texts(tokenizer, greedy)
+        scores = greedy_accuracy(
+            model,
+            tokenizer,
+            tasks,
+            items_by_task,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            sampler_cls=sampler_cls,
+        )
     else:
-        texts = completion_texts(tokenizer, batch)
+        scores = mean_scores(tasks, items_by_task, completion_texts(tokenizer, batch, items))
+    kl_B_T = sampled_kl_B_T(batch.sampler_logprobs_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T)
     metrics = {
-        "eval/reverse_kl": masked_mean(batch.sampler_logprobs_B_T - batch.teacher_logprobs_B_T, batch.loss_mask_B_T),
-        "eval/reverse_kl_seq": float(sequence_reverse_kl(batch).mean()),
+        "eval/reverse_kl": masked_mean(kl_B_T, batch.loss_mask_B_T),
+        "eval/reverse_kl_seq": float(kl_B_T.sum(-1).mean()),
         "eval/len_mean": float(batch.completion_lengths_B().double().mean()),
-        **task_scores(tasks, items_by_task, texts),
+        **{f"eval/{name}/score": score for name, score in scores.items()},
+        "eval/score": sum(scores.values()) / len(scores),
     }
     if forward_kl:
         metrics["eval/forward_kl"] = forward_kl_on_teacher_samples(
@@ -129,7 +128,6 @@ def forward_kl_on_teacher_samples(
         student_lp_B_T = completion_logprobs(
             model, samples.input_ids_B_T.to(device), samples.attention_mask_B_T.to(device), samples.prompt_len
         ).cpu()
-        mask_B_T = samples.loss_mask_B_T
-        total += float(torch.where(mask_B_T, samples.sampler_logprobs_B_T - student_lp_B_T, 0.0).double().sum())
-        tokens += int(mask_B_T.sum())
+        total += float(sampled_kl_B_T(samples.sampler_logprobs_B_T, student_lp_B_T, samples.loss_mask_B_T).sum())
+        tokens += int(samples.loss_mask_B_T.sum())
     return total / max(tokens, 1)

@@ -12,14 +12,15 @@ with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v1`` when mi
    to ~30% dev accuracy on both tasks, so it starts well below the teacher but can learn.
 
 Everything is seeded and the data order is fixed, so a rebuild gives the same models (up to
-floating-point differences between CPU thread counts). ``greedy_accuracy`` is the evaluation helper.
+floating-point differences between CPU thread counts). Accuracies are greedy
+(``opdplus.eval.runner.greedy_accuracy``: the rollout sampler with ``greedy=True``); the learning rate
+follows the training loop's ``lr_factor`` (warm-up, then cosine decay to 10%).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -30,8 +31,11 @@ from pathlib import Path
 
 import torch
 
-from opdplus.tasks.base import Task, TaskItem, get_task
+from opdplus.eval.runner import greedy_accuracy, held_out_items
+from opdplus.models.prune import prune_to
+from opdplus.tasks.base import TaskItem, get_task
 from opdplus.tasks.synthetic import solution_of
+from opdplus.train.loop import lr_factor
 
 WORLD_VERSION = "world-v1"
 WORLD_TASKS = ("synthetic_math", "synthetic_tool_use")
@@ -241,60 +245,6 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to ``peak`` then cosine decay to 10% of it at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Greedy evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 256) -> list[str]:
-    """Greedy completions (text after the prompt, up to EOS) for ``prompts``; batched, left-padded."""
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    completions: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
-    return completions
-
-
-def greedy_accuracy(model, tokenizer, task: Task, items: list[TaskItem], max_new_tokens: int = 48) -> float:
-    """Mean score of greedy completions of ``items``."""
-    completions = greedy_complete(model, tokenizer, [item.prompt for item in items], max_new_tokens)
-    return sum(task.score(item, c) for item, c in zip(items, completions)) / max(1, len(items))
-
-
-def evaluate(
-    model, tokenizer, tasks: tuple[str, ...] = WORLD_TASKS, n: int = 200, seed: int = 0, max_new_tokens: int = 48
-) -> dict[str, float]:
-    """Greedy accuracy on ``n`` eval-split items of each task: ``{task_name: accuracy}``."""
-    results = {}
-    for name in tasks:
-        task = get_task(name)
-        results[name] = greedy_accuracy(model, tokenizer, task, task.items("eval", n, seed), max_new_tokens)
-    return results
-
-
 # ----------------------------------------------------------------------------------------------
 # Supervised training
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +262,8 @@ def train_until(
     parked near the target instead of overshooting. Returns the steps and dev accuracies kept."""
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
-    dev = {name: get_task(name).items("eval", spec.eval_items, DEV_SEED) for name in pools}
+    tasks = {name: get_task(name) for name in pools}
+    dev = held_out_items(tasks, spec.eval_items, DEV_SEED)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -322,7 +273,7 @@ def train_until(
     )
 
     def dev_accuracy() -> dict[str, float]:
-        return {name: greedy_accuracy(model, tokenizer, get_task(name), dev[name], max_new_tokens) for name in pools}
+        return greedy_accuracy(model, tokenizer, tasks, dev, max_new_tokens=max_new_tokens)
 
     active, step = sorted(pools), 0
     accuracy = dev_accuracy() if spec.stop_each_task else {name: 0.0 for name in pools}
@@ -331,7 +282,9 @@ def train_until(
     model.train()
     while step < spec.max_steps and active:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, spec.max_steps, spec.lr, spec.warmup_steps)
+            group["lr"] = spec.lr * lr_factor(
+                step, warmup_steps=spec.warmup_steps, total_steps=spec.max_steps, schedule="cosine", min_lr_ratio=0.1
+            )
         pool = pools[active[step % len(active)]]  # one task per batch: less padding
         batch = collate([rng.choice(pool) for _ in range(spec.batch_size)], tokenizer.pad_token_id)
         loss = model(**batch).loss
@@ -385,18 +338,13 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def make_student(teacher, num_layers: int):
-    """A copy of ``teacher`` keeping ``num_layers`` of its decoder layers, spread uniformly."""
-    from opdplus.models.prune import prune_layers, select_layers
-
-    student = copy.deepcopy(teacher)
-    return prune_layers(student, select_layers(teacher.config.num_hidden_layers, num_layers, "uniform"))
-
-
 def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpec, out: Path, log: Log) -> dict:
     """Train ``model`` by ``train_spec``, report its held-out accuracy, save it to ``out``; the summary."""
     fit = train_until(model, tokenizer, pools, train_spec, spec.max_new_tokens, log)
-    held_out = evaluate(model, tokenizer, spec.tasks, n=spec.eval_items, seed=0, max_new_tokens=spec.max_new_tokens)
+    tasks = {name: get_task(name) for name in spec.tasks}
+    held_out = greedy_accuracy(
+        model, tokenizer, tasks, held_out_items(tasks, spec.eval_items, 0), max_new_tokens=spec.max_new_tokens
+    )
     log("  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
     _save(model, tokenizer, out)
     return {
@@ -441,7 +389,8 @@ def _build_world(paths: WorldPaths, spec: WorldSpec, log: Log) -> dict:
         f"to {spec.teacher_train.target_acc:.0%} dev accuracy"
     )
     summary["teacher"] = _fit_and_save(teacher, tokenizer, pools, spec.teacher_train, spec, staging.teacher, log)
-    student = make_student(teacher, spec.student_layers)
+    student = copy.deepcopy(teacher)
+    prune_to(student, spec.student_layers, "uniform")
     log(
         f"training the student (teacher pruned to {spec.student_layers} layers) "
         f"to about {spec.student_train.target_acc:.0%} dev accuracy"

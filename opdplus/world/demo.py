@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opdplus.ops.advantages import ESTIMATORS
+
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-ESTIMATORS = ("opd", "opd_plus")
 
 # The distillation config of every demo run (a complete `opdplus train` config; models are filled in).
 DEMO_TRAIN: dict[str, Any] = {
@@ -52,11 +53,13 @@ def demo_train_config(steps: int, overrides: list[str] = ()) -> dict[str, Any]:
 def teacher_accuracy(info: dict, teacher, tokenizer, eval_items: int) -> dict[str, float]:
     """The teacher's greedy held-out accuracy: from ``world.json`` when it was measured on the same
     items, else measured now."""
-    from opdplus.world.build import evaluate
+    from opdplus.eval.runner import greedy_accuracy, held_out_items
+    from opdplus.tasks.base import get_task
 
     accuracy = info["teacher"]["eval_accuracy"]
     if info["spec"]["eval_items"] != eval_items:
-        accuracy = evaluate(teacher, tokenizer, tuple(accuracy), n=eval_items, seed=0)
+        tasks = {name: get_task(name) for name in accuracy}
+        accuracy = greedy_accuracy(teacher, tokenizer, tasks, held_out_items(tasks, eval_items, 0), max_new_tokens=48)
     return {"math_acc": round(accuracy["synthetic_math"], 4), "tool_acc": round(accuracy["synthetic_tool_use"], 4)}
 
 
@@ -90,8 +93,9 @@ def run_demo(
     """The whole demo; returns the summary printed as the last line."""
     import torch
 
+    from opdplus.models.load import load_model_and_tokenizer
     from opdplus.report import write_report
-    from opdplus.sweep import evaluate_student, expand_grid, load_model, resolve_world_models, run_grid
+    from opdplus.sweep import evaluate_student, expand_grid, resolve_world_models, run_grid
     from opdplus.world.build import ensure_world, load_world_info
 
     started = time.perf_counter()
@@ -100,8 +104,8 @@ def run_demo(
     info = load_world_info(paths)
     print(f"world: teacher {paths.teacher}\n       student {paths.student}")
     out.mkdir(parents=True, exist_ok=True)
-    student, tokenizer = load_model(paths.student)
-    teacher, _ = load_model(paths.teacher)
+    student, tokenizer = load_model_and_tokenizer(str(paths.student))
+    teacher, _ = load_model_and_tokenizer(str(paths.teacher))
     start = evaluate_student(student, teacher, tokenizer, items=eval_items)
     # the teacher's reverse KL to itself is 0
     rows = [

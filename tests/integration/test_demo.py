@@ -141,12 +141,13 @@ def test_sweep_preset_matches_demo_and_validates():
 
 
 def test_exact_reverse_kl_zero_for_same_model_positive_otherwise(world):
+    from opdplus.models.load import load_model_and_tokenizer
     from opdplus.rollout.sampler import Sampler, SamplingSettings
-    from opdplus.sweep import exact_reverse_kl, load_model
+    from opdplus.sweep import exact_reverse_kl
     from opdplus.tasks import get_task
 
-    student, tok = load_model(world.student)
-    teacher, _ = load_model(world.teacher)
+    student, tok = load_model_and_tokenizer(str(world.student))
+    teacher, _ = load_model_and_tokenizer(str(world.teacher))
     items = get_task("synthetic_math").items("eval", 3) + get_task("synthetic_tool_use").items("eval", 3)
     batch = Sampler(student, tok, SamplingSettings(max_new_tokens=5), torch.Generator().manual_seed(0)).sample(items)
     assert exact_reverse_kl(student, student, batch) == pytest.approx(0.0, abs=1e-9)

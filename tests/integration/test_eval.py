@@ -7,11 +7,14 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdplus.commands import main
 from opdplus.eval import runner
-from opdplus.eval.runner import evaluate, generate_batch, task_options
+from opdplus.eval.runner import completion_texts, evaluate, greedy_completions, task_options
+from opdplus.rollout.sampler import assemble_rollouts, left_pad
+from opdplus.tasks.base import TaskItem
 
 pytest.importorskip("math_verify", reason="optional extra: pip install math-verify")
 pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
@@ -75,10 +78,11 @@ def test_scores_flow_from_completions(eval_task, tiny_model_dir, monkeypatch):
     wrong = {items[0].id}
     prompt_of = {item.id: runner.render_prompt(tokenizer, item) for item in items}
 
-    def scripted(model, tok, prompts, add_special_tokens, max_new_tokens, stop_strings=None):
+    def scripted(model, tok, batch, *, max_new_tokens, batch_size):
+        prompts = [prompt_of[item.id] for item in batch]
         return ["I give up." if prompt_of[next(iter(wrong))] == p else answers[p] for p in prompts]
 
-    monkeypatch.setattr(runner, "generate_batch", scripted)
+    monkeypatch.setattr(runner, "greedy_completions", scripted)
     result = evaluate(SimpleNamespace(eval=lambda: None), tokenizer, eval_task, limit=4, batch_size=3)
     assert result.n == 4 and result.accuracy == 0.75
     assert [s["correct"] for s in result.samples] == [False, True, True, True]
@@ -113,9 +117,12 @@ def test_base_model_gets_plain_prompts(tiny_model_dir, tmp_path):
 def test_left_padding_does_not_change_greedy_completions(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = ["a much longer prompt than the other one", "short"]
-    batched = generate_batch(model, tokenizer, prompts, True, 8)
-    alone = [generate_batch(model, tokenizer, [p], True, 8)[0] for p in prompts]
+    items = [
+        TaskItem(id=str(i), task="t", prompt=p)
+        for i, p in enumerate(["a much longer prompt than the other one", "short"])
+    ]
+    batched = greedy_completions(model, tokenizer, items, max_new_tokens=8)
+    alone = [greedy_completions(model, tokenizer, [item], max_new_tokens=8)[0] for item in items]
     assert batched == alone
 
 
@@ -136,3 +143,21 @@ def test_real_smollm2_gsm8k(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval"]
     assert result["n"] == 2 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_completion_text_is_cut_at_the_items_first_stop_string(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["x = 4\nQuestion: next one", "no stop here"]
+    completions = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(len(c) for c in completions)
+    completion_B_C = torch.tensor([c + [tokenizer.eos_token_id] * (width + 1 - len(c)) for c in completions])
+    prompt_ids_B_P, prompt_mask_B_P = left_pad([[tokenizer.bos_token_id]] * 2, tokenizer.pad_token_id)
+    batch = assemble_rollouts(
+        prompt_ids_B_P,
+        prompt_mask_B_P,
+        [(completion_B_C, torch.zeros(completion_B_C.shape))],
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=[tokenizer.eos_token_id],
+    )
+    items = [TaskItem(id=str(i), task="t", prompt="q", meta={"stop": ["\nQuestion:", "next"]}) for i in range(2)]
+    assert completion_texts(tokenizer, batch, items) == ["x = 4", "no stop here"]

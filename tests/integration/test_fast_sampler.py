@@ -68,8 +68,9 @@ def hf_greedy(model, tokenizer, eos_ids: list[int], max_new_tokens: int) -> torc
     )
 
 
+@pytest.mark.parametrize("greedy", [{"greedy": True}, {"top_k": 1}], ids=["greedy", "top_k_1"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct_decoder", "hf_forward_step"])
-def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct):
+def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct, greedy):
     max_new = 30
     model = make_model(tokenizer)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, frequent_greedy_token(model, tokenizer, max_new)]
@@ -78,7 +79,7 @@ def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct):
     sampler = FastSampler(
         model,
         tokenizer,
-        SamplingSettings(max_new_tokens=max_new, top_k=1, batch_size=3),
+        SamplingSettings(max_new_tokens=max_new, batch_size=3, **greedy),
         torch.Generator().manual_seed(0),
     )
     batch = sampler.sample_ids(prompt_ids(tokenizer))
@@ -125,10 +126,11 @@ def test_fixed_seed_is_reproducible_and_seeds_differ(tokenizer):
     assert not torch.equal(first.input_ids_B_T, other.input_ids_B_T)
 
 
-def test_same_rollout_batch_as_reference_sampler_when_greedy(tokenizer):
+@pytest.mark.parametrize("greedy", [{"greedy": True}, {"top_k": 1}], ids=["greedy", "top_k_1"])
+def test_same_rollout_batch_as_reference_sampler_when_greedy(tokenizer, greedy):
     model = make_model(tokenizer)
     items = [TaskItem(id=f"i{k}", task="contains", prompt=p) for k, p in enumerate(PROMPTS[:3])]
-    settings = SamplingSettings(max_new_tokens=16, samples_per_prompt=2, top_k=1, batch_size=4)
+    settings = SamplingSettings(max_new_tokens=16, samples_per_prompt=2, batch_size=4, **greedy)
     fast = FastSampler(model, tokenizer, settings, torch.Generator().manual_seed(0)).sample(items)
     slow = Sampler(model, tokenizer, settings, torch.Generator().manual_seed(0)).sample(items)
     for name in ("input_ids_B_T", "attention_mask_B_T", "loss_mask_B_T", "truncated_B"):

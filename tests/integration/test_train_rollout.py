@@ -82,8 +82,9 @@ def test_sampler_is_deterministic_per_generator_seed(student, tok):
     assert not torch.equal(a.input_ids_B_T, c.input_ids_B_T) or a.input_ids_B_T.shape != c.input_ids_B_T.shape
 
 
-def test_top_k_one_is_greedy(student, tok):
-    batch = _sample(student, tok, top_k=1, max_new_tokens=6)
+@pytest.mark.parametrize("greedy", [{"greedy": True}, {"top_k": 1}], ids=["greedy", "top_k_1"])
+def test_greedy_setting_and_top_k_one_take_the_argmax(student, tok, greedy):
+    batch = _sample(student, tok, max_new_tokens=6, **greedy)
     logits = student(
         input_ids=batch.input_ids_B_T,
         attention_mask=batch.attention_mask_B_T.long(),
@@ -172,3 +173,19 @@ def test_eval_hook_scores_greedy_or_sampled_completions(student, tok):
     assert sampled["eval/score"] < 1.0
     assert greedy["eval/reverse_kl"] == sampled["eval/reverse_kl"] > 0  # KL always from temperature-1 samples
     assert evaluate(student, tok, teacher, {"exact_text": task}, **kwargs) == sampled  # own generator: repeatable
+
+
+def test_eos_rule_adds_the_chat_templates_end_of_turn_token():
+    from types import SimpleNamespace
+
+    from opdplus.rollout.sampler import end_of_turn_id, eos_token_ids
+
+    tok = build_char_tokenizer()
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == end_of_turn
+    tok.eos_token = "<s>"  # a tokenizer whose EOS is not the end-of-turn token
+    config = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tok.pad_token_id]))
+    assert eos_token_ids(tok, config) == [tok.convert_tokens_to_ids("<s>"), tok.pad_token_id, end_of_turn]
+    tok.chat_template = None
+    assert end_of_turn_id(tok) is None
+    assert eos_token_ids(tok, config) == [tok.convert_tokens_to_ids("<s>"), tok.pad_token_id]

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
+from opdplus.eval.runner import greedy_completions
 from opdplus.tasks import get_task
+from opdplus.tasks.base import TaskItem
 from opdplus.tasks.synthetic import solution_of
 from opdplus.world.build import (
     SMOKE_SPEC,
     encode_examples,
     ensure_world,
-    greedy_complete,
     train_tokenizer,
     world_paths,
     world_ready,
@@ -71,7 +72,8 @@ def test_build_world_micro(tmp_path):
     assert tok_t.get_vocab() == tok_s.get_vocab()
     assert teacher.config.vocab_size == student.config.vocab_size == len(tok_t)
     assert student.num_parameters() < teacher.num_parameters()
-    completions = greedy_complete(student, tok_s, ["Q: Ann has 1 pens.", "Tools:"], max_new_tokens=4)
+    items = [TaskItem(id=str(i), task="t", prompt=p) for i, p in enumerate(["Q: Ann has 1 pens.", "Tools:"])]
+    completions = greedy_completions(student, tok_s, items, max_new_tokens=4)
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
     # cached: a second call does not rebuild
     logs.clear()
@@ -79,7 +81,7 @@ def test_build_world_micro(tmp_path):
     assert not world_ready(world_paths(tmp_path / "missing"))
 
 
-def test_greedy_complete_batching_and_padding_do_not_matter(tokenizer):
+def test_greedy_completions_batching_and_padding_do_not_matter(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # a random model with large weights: its greedy output depends on every prompt token
@@ -97,11 +99,10 @@ def test_greedy_complete_batching_and_padding_do_not_matter(tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    prompts = [item.prompt for name in MICRO.tasks for item in get_task(name).items("eval", 3)]  # lengths differ
-    tokenizer.padding_side = "right"
-    batched = greedy_complete(model, tokenizer, prompts, max_new_tokens=6)
-    alone = [greedy_complete(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
-    assert len(set(batched)) == len(prompts)  # the check below is not vacuous
+    items = [item for name in MICRO.tasks for item in get_task(name).items("eval", 3)]  # lengths differ
+    tokenizer.padding_side = "right"  # the sampler pads on the left whatever the tokenizer says
+    batched = greedy_completions(model, tokenizer, items, max_new_tokens=6)
+    alone = [greedy_completions(model, tokenizer, [item], max_new_tokens=6)[0] for item in items]
+    assert len(set(batched)) == len(items)  # the check below is not vacuous
     assert batched == alone
-    assert tokenizer.padding_side == "right"  # restored
     tokenizer.padding_side = "left"
