@@ -31,21 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: per task")
     parser.add_argument("--samples-out", default=None, help="write one JSON line per item here")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opdplus.eval.runner import evaluate, load_eval_items
-    from opdplus.models.sources import resolve_model
+    from opdplus.models.load import load_model_and_tokenizer, resolve_device
+    from opdplus.models.sources import ModelSourceError
 
-    path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    except (ModelSourceError, ValueError, OSError) as err:
+        print(f"error: opdplus eval --model {args.model}: {err}", file=sys.stderr)
+        return 2
+    model.eval()
     task, items = load_eval_items(args.task, tokenizer, args.limit)
     start = time.time()
     samples_out = open(args.samples_out, "w", encoding="utf-8") if args.samples_out else None

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="the teacher: a local Hugging Face model directory or a gguf:<package>/<file.gguf> spec",
+        help="the teacher: a local HF model directory (with its tokenizer) or a gguf:<package>/<file.gguf> spec",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
@@ -39,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: --model as given)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 elsewhere",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-prompt-tokens",
@@ -61,14 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from opdplus.models.load import load_model_and_tokenizer, resolve_device
     from opdplus.models.sources import ModelSourceError
     from opdplus.rollout.openai_protocol import ServerLimits
-    from opdplus.rollout.server import ScoringEngine, create_app, load_teacher_model, serve
+    from opdplus.rollout.server import ScoringEngine, create_app, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        model, tokenizer = load_teacher_model(args.model, device=args.device, dtype=args.dtype)
-    except (ModelSourceError, ValueError) as exc:
+        device = resolve_device(args.device)
+        dtype = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    except (ModelSourceError, ValueError, OSError) as exc:
         print(f"opdplus serve-teacher: {exc}", file=sys.stderr)
         return 2
     engine = ScoringEngine(model, tokenizer)

@@ -55,31 +55,6 @@ ScoreFn = Callable[[list[list[int]], int, list[Sampling | None]], list[PromptSco
 # model
 # --------------------------------------------------------------------------------------------
 
-
-def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM and (if present) its tokenizer from a local HF directory or a ``gguf:`` spec.
-
-    ``device="auto"`` picks CUDA when available; ``dtype="auto"`` is bfloat16 on CUDA, float32 on CPU.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from opdplus.models.load import resolve_device
-    from opdplus.models.sources import resolve_model
-
-    device = str(resolve_device("cuda" if device == "auto" and torch.cuda.is_available() else device))
-    path = resolve_model(model)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    net.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:  # scoring needs no tokenizer; tokens are then shown as ids
-        log.warning("no tokenizer loaded from %s (%s); tokens are reported as token_id:N", path, exc)
-        tokenizer = None
-    return net, tokenizer
-
-
 WIDTH_MULTIPLE = 16  # padded batch widths are multiples of this (see ScoringEngine._pad)
 
 

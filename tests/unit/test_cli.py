@@ -81,3 +81,9 @@ def test_serve_teacher_on_cuda_without_cuda_is_a_one_line_error(capsys):
     assert main(["serve-teacher", "--model", "m", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "this machine has no CUDA device" in err and "Traceback" not in err
+
+
+def test_eval_with_a_model_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "gsm8k", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "neither a local HF directory" in err and "Traceback" not in err
