@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CorruptCheckpointError
     from opdplus.train.config import ConfigError
-    from opdplus.train.loop import RunDirError, train
+    from opdplus.train.loop import train
+    from opdplus.train.run_dir import RunDirError
 
     try:
         cfg = _load(args)

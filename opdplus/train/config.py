@@ -15,9 +15,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+SamplerName = Literal["hf", "fast"]  # hf: transformers generate (the reference) | fast: own decode loop
+TeacherSignalName = Literal["sampled", "topk", "exact"]
 
 
 class ConfigError(ValueError):
@@ -178,8 +181,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ESTIMATORS = ("opd", "opd_plus")
 SCHEDULES = ("constant", "linear", "cosine")
 PROGRESS = ("auto", "bar", "plain", "none")
-SAMPLERS = ("hf", "fast")
-TEACHER_SIGNALS = ("sampled", "topk", "exact")
+SAMPLERS = typing.get_args(SamplerName)
+TEACHER_SIGNALS = typing.get_args(TeacherSignalName)
 PARALLELISMS = ("ddp", "fsdp")
 
 

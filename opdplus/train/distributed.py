@@ -75,6 +75,19 @@ def shutdown(ctx: DistContext, *, wait_for_others: bool = True) -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(device: torch.device, parallelism: str = "ddp") -> Iterator[tuple[DistContext, torch.device]]:
+    """``init_distributed`` ... ``shutdown`` around a block; on an error the group is torn down without
+    waiting at a barrier the other ranks may never reach."""
+    ctx, device = init_distributed(device, parallelism)
+    try:
+        yield ctx, device
+    except BaseException:
+        shutdown(ctx, wait_for_others=False)
+        raise
+    shutdown(ctx)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

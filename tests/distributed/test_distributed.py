@@ -16,8 +16,8 @@ from ddp_case import build_case
 
 from opdplus.models.forward import HiddenForward
 from opdplus.train.distributed import torchrun_command
-from opdplus.train.loop import update_policy
 from opdplus.train.metrics import read_metrics
+from opdplus.train.update import update_policy
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent

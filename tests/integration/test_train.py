@@ -14,17 +14,12 @@ from opdplus.ops.divergences import divergence_names
 from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.tasks.base import TaskItem, register_task
 from opdplus.train import ConfigError, RunDirError, train
+from opdplus.train.builders import build_student, build_tasks, build_teacher, prompts_for_step
 from opdplus.train.checkpoint import CorruptCheckpointError, verify_checkpoint
 from opdplus.train.config import load_config, with_overrides
-from opdplus.train.loop import (
-    build_optimizer,
-    build_student,
-    build_tasks,
-    build_teacher,
-    prompts_for_step,
-    update_policy,
-)
 from opdplus.train.metrics import read_metrics
+from opdplus.train.schedule import build_optimizer
+from opdplus.train.update import update_policy
 
 NAMESPACES = ("loss/", "div/", "adv/", "rollout/", "eval/", "perf/")
 

@@ -16,7 +16,7 @@ from opdplus.train.config import (
     to_yaml,
     with_overrides,
 )
-from opdplus.train.loop import lr_factor
+from opdplus.train.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
