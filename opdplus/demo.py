@@ -36,7 +36,8 @@ DEMO_TRAIN: dict[str, Any] = {
     "teacher": {"model": "world:teacher", "batch_size": 64},
     "data": {"tasks": ["synthetic_math", "synthetic_tool_use"], "prompts_per_step": 16},
     "rollout": {"max_new_tokens": 40, "samples_per_prompt": 2, "temperature": 1.0, "batch_size": 64, "sampler": "fast"},
-    "loss": {"gamma": 0.0, "log_ratio_clip": None, "ppo_epochs": 1, "micro_batch_size": 32},
+    "loss": {"gamma": 0.0, "log_ratio_clip": None},
+    "update": {"ppo_epochs": 1, "micro_batch_size": 32},
     "optim": {"lr": 1e-3, "warmup_steps": 5, "schedule": "constant", "max_grad_norm": 1.0},
     "eval": {"every": 10, "num_prompts": 32, "at_end": True, "score_decoding": "greedy"},
 }

@@ -181,12 +181,11 @@ def load_model(directory: str | Path):
 
 def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
-    from opdplus.train.config import TrainConfig, from_dict, validate
+    from opdplus.train.config import config_from_dict
     from opdplus.train.loop import train
 
     torch.set_num_threads(threads)
-    cfg = from_dict(TrainConfig, spec.train)
-    validate(cfg)
+    cfg = config_from_dict(spec.train)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - started

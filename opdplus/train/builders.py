@@ -78,7 +78,7 @@ def build_one_teacher(
         check_same_vocabulary(student_tokenizer, tokenizer, student_model, model)
     except ValueError as err:
         raise ConfigError(f"student.model={cfg.student.model!r}, teacher.model={t.model!r}: {err}") from None
-    return LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.loss.logprob_chunk_size)
+    return LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.update.logprob_chunk_size)
 
 
 def build_tasks(cfg: TrainConfig, tokenizer: Any) -> dict[str, Task]:

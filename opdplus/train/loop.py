@@ -66,7 +66,7 @@ class TrainResult:
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Distil ``cfg.teacher`` into ``cfg.student``; writes config.yaml, metrics.jsonl and checkpoints into
     ``cfg.run.dir``. With ``resume=True`` it continues from the newest checkpoint there."""
-    process_group = dist_utils.process_group(resolve_device(cfg.run.device), cfg.train.parallelism)
+    process_group = dist_utils.process_group(resolve_device(cfg.run.device), cfg.parallel.mode)
     with torch_threads(cfg.run.threads), process_group as (ctx, device):
         # --- run directory, models, teacher, tasks
         check_prompt_share(cfg.data.prompts_per_step, ctx.world_size)
@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at step {start_step}"
             )
         if ctx.enabled:
-            writer.message(f"{ctx.world_size} processes, {cfg.train.parallelism}")
+            writer.message(f"{ctx.world_size} processes, {cfg.parallel.mode}")
         previous = read_metrics(run_dir)  # a resumed run that has nothing left to do still reports its last step
         metrics = {k: v for k, v in previous[-1].items() if k not in ("step", "time")} if previous else {}
 
@@ -142,8 +142,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                             rollout_student_lp_B_T = student_logprobs_no_grad(
                                 student,
                                 batch,
-                                micro_batch_size=cfg.loss.micro_batch_size,
-                                chunk_size=cfg.loss.logprob_chunk_size,
+                                micro_batch_size=cfg.update.micro_batch_size,
+                                chunk_size=cfg.update.logprob_chunk_size,
                             )
                     advantages_B_T = compute_advantages(
                         rollout_student_lp_B_T,
@@ -162,11 +162,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         scheduler,
                         batch,
                         advantages_B_T,
-                        ppo_epochs=cfg.loss.ppo_epochs,
-                        micro_batch_size=cfg.loss.micro_batch_size,
+                        ppo_epochs=cfg.update.ppo_epochs,
+                        micro_batch_size=cfg.update.micro_batch_size,
                         clip_eps=cfg.loss.clip_eps,
                         max_grad_norm=cfg.optim.max_grad_norm,
-                        chunk_size=cfg.loss.logprob_chunk_size,
+                        chunk_size=cfg.update.logprob_chunk_size,
                         loss=update_loss,
                         ctx=ctx,
                     )
@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     log_ratio_clip=cfg.loss.log_ratio_clip,
                     teacher=teacher,
                     seconds=seconds,
-                    update_passes=cfg.loss.ppo_epochs,
+                    update_passes=cfg.update.ppo_epochs,
                     device=device,
                 )
                 tokens = float(count_loss_tokens(batch.loss_mask_B_T))

@@ -33,7 +33,7 @@ def build_optimizer(
     optimizer = torch.optim.AdamW(
         params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
     )
-    total = cfg.run.steps * cfg.loss.ppo_epochs
+    total = cfg.run.steps * cfg.update.ppo_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(

@@ -114,7 +114,7 @@ def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
         "rollout.temperature=0.8",
         "rollout.top_k=20",
         "rollout.top_p=0.95",
-        "loss.ppo_epochs=2",
+        "update.ppo_epochs=2",
         "loss.clip_eps=0.1",
         "loss.gamma=0.9",
         "loss.log_ratio_clip=0.5",
@@ -381,7 +381,7 @@ def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward
         "optim.lr=0.01",
         "data.prompts_per_step=8",
         "rollout.samples_per_prompt=4",
-        "loss.micro_batch_size=32",
+        "update.micro_batch_size=32",
     ]
     trends = {}
     for divergence, estimator in (("reverse_kl", "opd_plus"), ("forward_kl", "opd_plus"), ("forward_kl", "opd")):
