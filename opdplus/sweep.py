@@ -10,7 +10,8 @@ A sweep file is YAML::
       estimator: [opd, opd_plus]
       divergence: [reverse_kl, forward_kl, jsd, "alpha:0.5"]   # "alpha:A" sets loss.alpha = A
       seed: [0, 1, 2]
-    train: {...}                    # a complete `opdplus train` config (see configs/); the grid sets
+    train: {...}                    # a complete `opdplus train` config (see configs/), or the path of one
+                                    # relative to this file (configs/sweep.yaml: demo.yaml); the grid sets
                                     # loss.estimator, loss.divergence (and loss.alpha), run.seed, run.dir
 
 ``student.model`` / ``teacher.model`` may say ``world:student`` / ``world:teacher``: the cached demo
@@ -281,6 +282,8 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: out, workers, eval_items, grid, train")
     if "train" not in data or "grid" not in data:
         raise ValueError(f"{path}: needs `grid` and `train` sections")
+    if isinstance(data["train"], str):  # a training preset, relative to the sweep file
+        data["train"] = yaml.safe_load((Path(path).parent / data["train"]).read_text())
     return data
 
 

@@ -408,7 +408,7 @@ def test_train_without_config_runs_the_demo(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)
     assert main(["train"]) == 0
-    assert seen["args"].steps == demo.DEMO_TRAIN["run"]["steps"] and seen["args"].eval_items == 200
+    assert seen["args"].steps is None and seen["args"].eval_items == 200  # None: run.steps of configs/demo.yaml
     assert "running the demo" in capsys.readouterr().out
 
 
