@@ -452,7 +452,7 @@ def config_from_dict(data: dict[str, Any], warned: set[str] | None = None) -> Tr
 # ---------------------------------------------------------------- reference (opdplus train --help-config)
 
 
-def _type_label(tp: Any, spec: dataclasses.Field) -> str:
+def _type_label(tp: Any, spec: dataclasses.Field[Any]) -> str:
     if "choices" in spec.metadata:
         return "{" + ",".join(spec.metadata["choices"]()) + "}"
     if typing.get_origin(tp) is Literal:
@@ -463,7 +463,7 @@ def _type_label(tp: Any, spec: dataclasses.Field) -> str:
 
 
 def _yaml_value(value: Any) -> str:
-    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
     text = yaml.safe_dump(data, width=10**6, default_flow_style=True)
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
@@ -481,7 +481,7 @@ def config_reference(node: Any = None, prefix: str = "") -> list[tuple[str, str,
             continue
         rows.append((key, _type_label(tp, spec), _yaml_value(value), spec.metadata["help"]))
         item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if dataclasses.is_dataclass(item_tp):
+        if isinstance(item_tp, type) and dataclasses.is_dataclass(item_tp):
             rows.extend(config_reference(item_tp(), f"{key}[]."))
     return rows
 

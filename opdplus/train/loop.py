@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
 from opdplus.ops.advantages import advantages as compute_advantages
 from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task
-from opdplus.train import distributed as dist_utils
 from opdplus.train.builders import (
     build_divergence,
     build_student,

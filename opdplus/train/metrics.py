@@ -316,6 +316,8 @@ def step_metrics(
 ) -> dict[str, float]:
     """What a training step logs (this process's values, before averaging over processes): the update's
     ``loss/``, ``div/`` estimates, ``adv/`` statistics, ``rollout/`` lengths, teacher usage and ``perf/``."""
+    if batch.teacher_logprobs_B_T is None:
+        raise ValueError("step_metrics needs the teacher's scores: set batch.teacher_logprobs_B_T first")
     tokens = float(count_loss_tokens(batch.loss_mask_B_T))
     return {
         **update,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from opdplus.train import distributed as dist_utils
+import opdplus.train.distributed as dist_utils
 from opdplus.train.checkpoint import atomic_write_text
 from opdplus.train.config import TrainConfig, to_yaml
 from opdplus.train.distributed import DistContext

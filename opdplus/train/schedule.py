@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from opdplus.train import distributed as dist_utils
+import opdplus.train.distributed as dist_utils
 from opdplus.train.config import TrainConfig
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import opdplus.train.checkpoint as ckpt
+import opdplus.train.distributed as dist_utils
 from opdplus.models.load import load_lora_weights
-from opdplus.train import checkpoint as ckpt
-from opdplus.train import distributed as dist_utils
 from opdplus.train.config import TrainConfig, to_yaml
 from opdplus.train.distributed import DistContext
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import completion_logprobs, hidden_forward_of, softcapped
 from opdplus.ops.chunked import chunked_exact_divergence, chunked_topk_divergence
 from opdplus.ops.divergences import Divergence
@@ -23,7 +24,6 @@ from opdplus.ops.logprobs import shifted_completion_logprobs
 from opdplus.ops.loss import policy_loss, ratio_clip_fraction
 from opdplus.ops.signals import per_position_divergence_loss
 from opdplus.rollout.types import RolloutBatch
-from opdplus.train import distributed as dist_utils
 from opdplus.train.config import LossConfig
 from opdplus.train.distributed import DistContext
 from opdplus.train.metrics import count_loss_tokens
