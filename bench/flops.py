@@ -1,5 +1,5 @@
 """Update-step FLOP/s: forward + backward + AdamW step of the policy loss for a ~50M-parameter Llama-style
-student (``opdplus.train.loop.update_policy`` on a synthetic rollout batch), against this machine's matmul
+student (``opdplus.train.update.update_policy`` on a synthetic rollout batch), against this machine's matmul
 peak (best of a large square matmul: fp32 on CPU, bf16 on CUDA). Peak and update are timed alternately.
 
 FLOPs per update = 6 * N_body * (B*T) + 6 * N_head * (B*C) + attention, where N_body is the decoder's matmul
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from opdplus.train.loop import update_policy
+    from opdplus.train.update import update_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -123,7 +123,7 @@ def our_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         f"rollout.sampler={args.our_sampler}",
         "loss.divergence=reverse_kl",
         "loss.estimator=opd_plus",
-        f"loss.micro_batch_size={args.batch}",
+        f"update.micro_batch_size={args.batch}",
         "loss.clip_eps=null",
         "optim.lr=1.0e-5",
         "optim.max_grad_norm=1.0",

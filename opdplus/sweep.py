@@ -10,7 +10,8 @@ A sweep file is YAML::
       estimator: [opd, opd_plus]
       divergence: [reverse_kl, forward_kl, jsd, "alpha:0.5"]   # "alpha:A" sets loss.alpha = A
       seed: [0, 1, 2]
-    train: {...}                    # a complete `opdplus train` config (see configs/); the grid sets
+    train: {...}                    # a complete `opdplus train` config (see configs/), or the path of one
+                                    # relative to this file (configs/sweep.yaml: demo.yaml); the grid sets
                                     # loss.estimator, loss.divergence (and loss.alpha), run.seed, run.dir
 
 ``student.model`` / ``teacher.model`` may say ``world:student`` / ``world:teacher``: the cached demo
@@ -174,12 +175,11 @@ def evaluate_student(
 def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
     from opdplus.models.load import load_model_and_tokenizer
-    from opdplus.train.config import TrainConfig, from_dict, validate
+    from opdplus.train.config import config_from_dict
     from opdplus.train.loop import train
 
     torch.set_num_threads(threads)
-    cfg = from_dict(TrainConfig, spec.train)
-    validate(cfg)
+    cfg = config_from_dict(spec.train)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - started
@@ -275,6 +275,8 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: out, workers, eval_items, grid, train")
     if "train" not in data or "grid" not in data:
         raise ValueError(f"{path}: needs `grid` and `train` sections")
+    if isinstance(data["train"], str):  # a training preset, relative to the sweep file
+        data["train"] = yaml.safe_load((Path(path).parent / data["train"]).read_text())
     return data
 
 

@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from opdplus.world.demo import DEMO_TRAIN, run_demo
+from opdplus.world.demo import run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=DEMO_TRAIN["run"]["steps"], help="distillation steps per run")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="distillation steps per run (default: run.steps of configs/demo.yaml)"
+    )
     parser.add_argument(
         "--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation"
     )

@@ -33,18 +33,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
     parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="print every config key, one per line: key<TAB>type<TAB>default<TAB>help, and exit",
+    )
+    parser.add_argument(
         "--nproc",
         type=int,
         default=None,
         metavar="N",
-        help="data-parallel training on N processes (runs torchrun; train.parallelism=ddp|fsdp)",
+        help="data-parallel training on N processes (runs torchrun; parallel.mode=ddp|fsdp)",
     )
     parser.epilog = (
         "examples:\n  opdplus train                      (no config: the demo on the embedded synthetic world)\n"
         "  opdplus train --config configs/tiny.yaml\n"
         "  opdplus train --config configs/tiny.yaml loss.divergence=jsd loss.estimator=opd_plus\n"
         "  opdplus train --resume runs/tiny\n"
-        "  opdplus train --nproc 2 --config configs/tiny.yaml train.parallelism=fsdp\n"
+        "  opdplus train --help-config        (every config key: type, default, help)\n"
+        "  opdplus train --nproc 2 --config configs/tiny.yaml parallel.mode=fsdp\n"
         "  torchrun --nproc_per_node 2 -m opdplus train --config configs/tiny.yaml"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -95,7 +101,17 @@ def launch_processes(args: argparse.Namespace) -> int:
     return subprocess.run(torchrun_command(args.nproc, argv), env=env).returncode
 
 
+def print_config_reference() -> None:
+    from opdplus.train.config import config_reference
+
+    for row in config_reference():
+        print("\t".join(row))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print_config_reference()
+        return 0
     if args.nproc is not None and args.nproc < 1:
         print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
         return 2
@@ -113,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CorruptCheckpointError
     from opdplus.train.config import ConfigError
-    from opdplus.train.loop import RunDirError, train
+    from opdplus.train.loop import train
+    from opdplus.train.run_dir import RunDirError
 
     try:
         cfg = _load(args)

@@ -14,13 +14,15 @@ OPD matches only for reverse KL, where u f'(u) = -1 is a constant baseline.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
 from opdplus.ops.divergences import Divergence, get_divergence
 
 Tensor = torch.Tensor
-ESTIMATORS = ("opd", "opd_plus")
+Estimator = typing.Literal["opd", "opd_plus"]  # stop-gradient | unbiased
+ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 
 
 def check_token_tensors(loss_mask: Tensor, **tensors: Tensor) -> None:

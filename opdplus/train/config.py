@@ -2,185 +2,254 @@
 
     cfg = load_config("configs/tiny.yaml", ["loss.divergence=alpha", "loss.alpha=0.5"])
 
-Every field has a default; a preset names only what it changes. Unknown keys are errors that list the
-valid keys of their section; values are type-checked (an int is accepted where a float is expected).
-``validate`` checks values and combinations; ``to_yaml`` writes the resolved config (``run_dir/config.yaml``),
-and ``from_dict(to_dict(cfg)) == cfg``.
+Every field has a default and a help text (``opdplus train --help-config`` lists them all); a preset names
+only what it changes. Choices are ``Literal`` types defined once, next to the code that uses them. Unknown
+keys are errors that list the valid keys of their section; values are type-checked (an int is accepted
+where a float is expected). Keys renamed since an earlier version (``RENAMED_KEYS``) still load, with one
+warning line each on stderr, in presets, overrides and the stored config of a resumed run. ``validate``
+checks values and combinations; ``to_yaml`` writes the resolved config (``run_dir/config.yaml``), and
+``from_dict(to_dict(cfg)) == cfg``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from opdplus.ops.advantages import Estimator
+from opdplus.train.distributed import ParallelMode
+
+Dtype = Literal["float32", "bfloat16", "float16"]  # parameter dtype
+SamplerName = Literal["hf", "fast"]  # hf: transformers generate (the reference) | fast: own decode loop
+TeacherSignalName = Literal["sampled", "topk", "exact"]
+Schedule = Literal["constant", "linear", "cosine"]
+Progress = Literal["auto", "bar", "plain", "none"]
+ScoreDecoding = Literal["sample", "greedy"]
+
+# old dotted key -> its current name; presets, overrides and stored configs of resumed runs are translated
+RENAMED_KEYS: dict[str, str] = {
+    "train.parallelism": "parallel.mode",
+    "loss.micro_batch_size": "update.micro_batch_size",
+    "loss.logprob_chunk_size": "update.logprob_chunk_size",
+    "loss.ppo_epochs": "update.ppo_epochs",
+}
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message says which key and what is allowed."""
 
 
+def setting(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with its help text (and e.g. ``choices``: a function listing the valid values);
+    mutable defaults (lists, dicts, sections) are copied for every instance."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _divergence_choices() -> list[str]:
+    from opdplus.ops.divergences import divergence_names
+
+    return divergence_names()
+
+
 @dataclass(frozen=True)
 class TinyModelConfig:
     """Shape of a tiny random Llama model (``model: tiny``), built locally with the character tokenizer."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    initializer_range: float = 0.1
-    seed: int = 0
+    hidden_size: int = setting(64, "hidden size")
+    num_layers: int = setting(2, "decoder layers")
+    num_heads: int = setting(4, "attention heads")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)")
+    intermediate_size: int = setting(128, "MLP inner size")
+    initializer_range: float = setting(0.1, "std of the random initial weights")
+    seed: int = setting(0, "seed of the random initial weights")
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """LoRA adapters on the student (needs the `lora` extra); only the adapters are trained and saved."""
+
+    enabled: bool = setting(False, "train LoRA adapters instead of all weights")
+    r: int = setting(8, "adapter rank")
+    alpha: float = setting(16.0, "adapter scale numerator (scale = alpha / r)")
+    dropout: float = setting(0.0, "dropout on the adapter input, in [0, 1)")
+    target_modules: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    model: str = "tiny"  # a local HF model directory, or "tiny" (built from `tiny`)
-    tokenizer: str | None = None  # a local tokenizer directory; default: the model's
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (parameter dtype)
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
+    """The policy being trained."""
+
+    model: str = setting("tiny", "a local HF model directory, gguf:<package>/<file.gguf>, or tiny (built from `tiny`)")
+    tokenizer: str | None = setting(None, "a local tokenizer directory; null: the model's")
+    dtype: Dtype = setting("float32", "parameter dtype")
+    tiny: TinyModelConfig = setting(TinyModelConfig(), "shape of the model when model=tiny")
+    lora: LoraConfig = setting(LoraConfig(), "LoRA adapters")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: str = "tiny"
-    tokenizer: str | None = None
-    dtype: str = "float32"
-    tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(hidden_size=96, num_layers=3, seed=1))
-    batch_size: int = 16  # rows per scoring forward pass
-    device: str | None = None  # e.g. cuda:1 to keep the teacher off the student's GPU; default: run.device
-    # A served teacher (`opdplus serve-teacher` or `vllm serve`) instead of a local model:
-    url: str | None = None  # e.g. http://127.0.0.1:8000; when set, `model` is not loaded here
-    api_key_env: str = "OPDPLUS_TEACHER_API_KEY"  # environment variable holding the API key, if any
-    model_name: str | None = None  # the served model's name; default: the server's only model
-    timeout_s: float = 120.0
-    max_retries: int = 4  # retries with exponential backoff on 5xx and connection errors
-    max_concurrency: int = 4  # requests in flight
-    rows_per_request: int = 8
+    """The frozen model that scores the student's samples: local, or served over HTTP (``url``)."""
+
+    model: str = setting("tiny", "a local HF model directory, gguf:<package>/<file.gguf>, or tiny (built from `tiny`)")
+    tokenizer: str | None = setting(None, "a local tokenizer directory; null: the model's")
+    dtype: Dtype = setting("float32", "parameter dtype")
+    tiny: TinyModelConfig = setting(
+        TinyModelConfig(hidden_size=96, num_layers=3, seed=1), "shape of the model when model=tiny"
+    )
+    batch_size: int = setting(16, "rows per scoring forward pass")
+    device: str | None = setting(None, "e.g. cuda:1 to keep the teacher off the student's GPU; null: run.device")
+    url: str | None = setting(
+        None, "a served teacher (opdplus serve-teacher or vllm serve), e.g. http://127.0.0.1:8000; model is not loaded"
+    )
+    api_key_env: str = setting("OPDPLUS_TEACHER_API_KEY", "environment variable holding the served teacher's API key")
+    model_name: str | None = setting(None, "the served model's name; null: the server's only model")
+    timeout_s: float = setting(120.0, "seconds per HTTP request")
+    max_retries: int = setting(4, "retries with exponential backoff on 5xx and connection errors")
+    max_concurrency: int = setting(4, "HTTP requests in flight")
+    rows_per_request: int = setting(8, "rollout rows per HTTP request")
 
 
 @dataclass(frozen=True)
 class TeacherRoute:
     """One teacher of several: scores the rollouts whose task tag (TaskItem.task) is ``task``."""
 
-    task: str = ""
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    task: str = setting("", "the task tag whose rollouts this teacher scores")
+    teacher: TeacherConfig = setting(TeacherConfig(), "the teacher (same keys as the teacher section)")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    parallelism: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard); used when launched with several processes
+    """Several processes (``opdplus train --nproc N`` or torchrun)."""
+
+    mode: ParallelMode = setting("ddp", "ddp, or fsdp (FSDP2 fully_shard); used when launched with several processes")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    tasks: list[str] = field(default_factory=lambda: ["contains"])  # prompts are split evenly between tasks
-    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> factory kwargs
-    prompts_per_step: int = 4
+    """Training prompts."""
+
+    tasks: list[str] = setting(["contains"], "task names; each step's prompts are split evenly between them")
+    task_options: dict[str, dict[str, Any]] = setting({}, "task name -> keyword arguments of its factory")
+    prompts_per_step: int = setting(4, "prompts per training step (over all processes)")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    max_new_tokens: int = 32
-    samples_per_prompt: int = 2
-    temperature: float = 1.0  # != 1 makes rollouts off-policy (a warning is printed)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    batch_size: int = 64  # rows per generate call
-    sampler: str = "hf"  # hf (transformers generate, the reference) | fast (own decode loop, same output layout)
+    """Sampling the student's completions."""
+
+    max_new_tokens: int = setting(32, "tokens generated per completion at most")
+    samples_per_prompt: int = setting(2, "completions per prompt")
+    temperature: float = setting(1.0, "sampling temperature; != 1 makes rollouts off-policy (a warning is printed)")
+    top_k: int = setting(0, "sample from the k most likely tokens; 0 = off")
+    top_p: float = setting(1.0, "nucleus sampling mass; 1 = off")
+    batch_size: int = setting(64, "rows per generate call")
+    sampler: SamplerName = setting(
+        "hf", "hf: transformers generate (the reference); fast: own decode loop, same output"
+    )
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    divergence: str = "reverse_kl"  # a registered divergence name (opdplus.ops.divergences)
-    alpha: float | None = None  # parameter of divergence "alpha" (required for it, rejected for others)
-    estimator: str = "opd_plus"  # opd (stop-gradient) | opd_plus (unbiased)
-    gamma: float = 0.0  # horizon discount in [0, 1]
-    log_ratio_clip: float | None = None  # bound |log q - log pi|; trades bias for variance
-    clip_eps: float | None = 0.2  # PPO ratio clip (only matters when ppo_epochs > 1); null = off
-    ppo_epochs: int = 1  # optimizer steps per rollout batch
-    micro_batch_size: int = 8  # rows per forward/backward; gradients accumulate over the batch
-    logprob_chunk_size: int = 256  # tokens (sequences x positions) per block of logits; memory ~ this x vocab
-    teacher_signal: str = "sampled"  # sampled (log-ratio of the sampled token) | topk | exact (full vocabulary)
-    topk: int = 20  # teacher_signal=topk: the teacher's top-k plus one tail bucket
+    """What the student minimises: the divergence to the teacher, its estimator and teacher signal."""
+
+    divergence: str = setting(
+        "reverse_kl", "a registered divergence (opdplus.ops.divergences)", choices=_divergence_choices
+    )
+    alpha: float | None = setting(None, "parameter of divergence alpha (required for it, rejected for others)")
+    estimator: Estimator = setting("opd_plus", "opd: stop-gradient advantages; opd_plus: unbiased (OPD+)")
+    gamma: float = setting(0.0, "horizon discount in [0, 1] of the divergences of later tokens")
+    log_ratio_clip: float | None = setting(None, "bound |log q - log pi| (trades bias for variance); null = off")
+    clip_eps: float | None = setting(0.2, "PPO ratio clip (matters when update.ppo_epochs > 1); null = off")
+    teacher_signal: TeacherSignalName = setting(
+        "sampled", "sampled: log-ratio of the sampled token; topk: teacher's top-k + tail; exact: full vocabulary"
+    )
+    topk: int = setting(20, "teacher_signal=topk: the teacher's top-k tokens plus one tail bucket")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """The update step: optimizer steps per rollout batch and how the batch is cut to fit in memory."""
+
+    ppo_epochs: int = setting(1, "optimizer steps per rollout batch")
+    micro_batch_size: int = setting(8, "rows per forward/backward; gradients accumulate over the batch")
+    logprob_chunk_size: int = setting(
+        256, "tokens (sequences x positions) per block of logits; memory grows with this x vocabulary"
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | linear | cosine (after warmup, decays to min_lr_ratio * lr)
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0  # null = no clipping
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = setting(1e-4, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    betas: list[float] = setting([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    warmup_steps: int = setting(0, "optimizer steps of linear warmup")
+    schedule: Schedule = setting("constant", "after warmup: constant, or linear / cosine decay to min_lr_ratio * lr")
+    min_lr_ratio: float = setting(0.0, "the decayed schedules' final learning rate over lr, in [0, 1]")
+    max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this; null = no clipping")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 0  # steps between evaluations; 0 = only at the end (if at_end)
-    at_end: bool = True
-    at_start: bool = False  # evaluate the starting policy too (logged as step 0); with run.steps=0 only that
-    num_prompts: int = 8  # held-out items per task
-    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
-    seed: int = 1234  # eval sampling has its own generator: it never perturbs training
-    score_decoding: str = "sample"  # task scores of the temperature-1 samples (sample) or of greedy completions
-    forward_kl: bool = False  # also eval/forward_kl: KL(teacher || student) on teacher samples (needs a local teacher)
+    """Held-out evaluation during training (logged as eval/...)."""
+
+    every: int = setting(0, "steps between evaluations; 0 = only at the end (if at_end)")
+    at_end: bool = setting(True, "evaluate after the last step")
+    at_start: bool = setting(False, "evaluate the starting policy too (step 0); with run.steps=0 only that")
+    num_prompts: int = setting(8, "held-out prompts per task")
+    max_new_tokens: int | None = setting(None, "tokens per completion at most; null: rollout.max_new_tokens")
+    seed: int = setting(1234, "seed of eval sampling (its own generator: it never perturbs training)")
+    score_decoding: ScoreDecoding = setting(
+        "sample", "task scores of the temperature-1 samples (sample) or of greedy completions (greedy)"
+    )
+    forward_kl: bool = setting(False, "also eval/forward_kl, KL(teacher || student) on teacher samples (local teacher)")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/tiny"
-    seed: int = 0
-    steps: int = 10
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    threads: int = 0  # CPU threads for torch; 0 = torch's default (tiny models run fastest with 1)
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2  # newest kept; 0 = keep all
-    progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
-    log_every: int = 1  # plain-line interval
-    tensorboard: bool = False  # needs the `log` extra
-    wandb: bool = False
-    wandb_project: str = "opdplus"
+    """Where and how the run runs: directory, seed, length, device, checkpoints, logging."""
+
+    dir: str = setting("runs/tiny", "run directory: config.yaml, metrics.jsonl, checkpoints/")
+    seed: int = setting(0, "seed of sampling, data and initialisation")
+    steps: int = setting(10, "training steps")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps or xpu")
+    threads: int = setting(0, "CPU threads for torch; 0 = torch's default (tiny models run fastest with 1)")
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept; 0 = keep all")
+    progress: Progress = setting("auto", "auto (a bar on a TTY, plain lines otherwise), bar, plain or none")
+    log_every: int = setting(1, "steps between plain progress lines")
+    tensorboard: bool = setting(False, "also log to TensorBoard (needs the `log` extra)")
+    wandb: bool = setting(False, "also log to Weights & Biases (needs wandb)")
+    wandb_project: str = setting("opdplus", "the W&B project")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    teachers: list[TeacherRoute] = field(default_factory=list)  # several teachers routed by task tag
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: ParallelConfig = field(default_factory=ParallelConfig)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-ESTIMATORS = ("opd", "opd_plus")
-SCHEDULES = ("constant", "linear", "cosine")
-PROGRESS = ("auto", "bar", "plain", "none")
-SAMPLERS = ("hf", "fast")
-TEACHER_SIGNALS = ("sampled", "topk", "exact")
-PARALLELISMS = ("ddp", "fsdp")
+    run: RunConfig = setting(RunConfig(), "run directory, seed, steps, device, checkpoints, logging")
+    student: StudentConfig = setting(StudentConfig(), "the student model")
+    teacher: TeacherConfig = setting(TeacherConfig(), "the teacher model (when teachers is empty)")
+    teachers: list[TeacherRoute] = setting([], "several teachers routed by task tag: [{task: TAG, teacher: {...}}]")
+    data: DataConfig = setting(DataConfig(), "training prompts")
+    rollout: RolloutConfig = setting(RolloutConfig(), "sampling the student's completions")
+    loss: LossConfig = setting(LossConfig(), "divergence, estimator, teacher signal")
+    update: UpdateConfig = setting(UpdateConfig(), "optimizer steps per batch, micro-batches, logits chunks")
+    optim: OptimConfig = setting(OptimConfig(), "AdamW and the learning-rate schedule")
+    eval: EvalConfig = setting(EvalConfig(), "held-out evaluation during training")
+    parallel: ParallelConfig = setting(ParallelConfig(), "several processes: ddp or fsdp")
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -206,6 +275,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        _one_of(value, typing.get_args(tp), key)
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(
@@ -263,6 +335,55 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
+# ---------------------------------------------------------------- renamed keys
+
+
+def _section(data: dict[str, Any], parts: list[str], *, create: bool = False) -> dict[str, Any] | None:
+    """The nested mapping at ``parts`` (created when asked), or None where there is none."""
+    node = data
+    for part in parts:
+        child = node.setdefault(part, {}) if create else node.get(part)
+        if not isinstance(child, dict):
+            return None
+        node = child
+    return node
+
+
+def renamed_key(key: str, warned: set[str], where: str = "") -> str:
+    """The current name of dotted ``key``; an old name prints one warning line on stderr (once per ``warned``)."""
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return key
+    if key not in warned:
+        warned.add(key)
+        print(f"warning: config key {key} is now {new}{where}; see CHANGELOG.md", file=sys.stderr)
+    return new
+
+
+def translate_renamed(data: dict[str, Any], warned: set[str] | None = None, where: str = "") -> dict[str, Any]:
+    """A copy of the nested config dict ``data`` with every old key (``RENAMED_KEYS``) moved to its new name."""
+    out = copy.deepcopy(data)
+    warned = set() if warned is None else warned
+    for old, new in RENAMED_KEYS.items():
+        *old_sections, old_leaf = old.split(".")
+        parent = _section(out, old_sections)
+        if parent is None or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        if not parent:  # e.g. `train:` held only the renamed key
+            grandparent = _section(out, old_sections[:-1])
+            assert grandparent is not None
+            grandparent.pop(old_sections[-1])
+        *new_sections, new_leaf = renamed_key(old, warned, where).split(".")
+        target = _section(out, new_sections, create=True)
+        if target is None:
+            raise ConfigError(f"{'.'.join(new_sections)} must be a section (it receives {old}, now {new})")
+        if new_leaf in target:
+            raise ConfigError(f"{old} is the old name of {new} and both are set; keep only {new}")
+        target[new_leaf] = value
+    return out
+
+
 # ---------------------------------------------------------------- overrides and loading
 
 
@@ -281,13 +402,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of the nested dict ``data`` with each ``key=value`` applied (keys are checked later)."""
-    import copy
-
+def apply_overrides(data: dict[str, Any], overrides: list[str], warned: set[str] | None = None) -> dict[str, Any]:
+    """A copy of the nested dict ``data`` with each ``key=value`` applied (keys are checked later; old key
+    names are translated, with one warning each)."""
     out = copy.deepcopy(data)
+    warned = set() if warned is None else warned
     for text in overrides:
         path, value = parse_override(text)
+        path = renamed_key(".".join(path), warned, " (override)").split(".")
         node = out
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -310,16 +432,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must contain a mapping at top level")
-    cfg = from_dict(TrainConfig, apply_overrides(data, overrides or []))
-    validate(cfg)
-    return cfg
+    warned: set[str] = set()
+    data = translate_renamed(data, warned, f" (in {path})")
+    return config_from_dict(apply_overrides(data, overrides or [], warned), warned)
 
 
 def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """A validated copy of ``cfg`` with ``key=value`` overrides applied (handy in tests and sweeps)."""
-    new = from_dict(TrainConfig, apply_overrides(to_dict(cfg), overrides))
-    validate(new)
-    return new
+    return config_from_dict(apply_overrides(to_dict(cfg), overrides))
+
+
+def config_from_dict(data: dict[str, Any], warned: set[str] | None = None) -> TrainConfig:
+    """A validated ``TrainConfig`` from a nested dict (old key names translated)."""
+    cfg = from_dict(TrainConfig, translate_renamed(data, warned))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- reference (opdplus train --help-config)
+
+
+def _type_label(tp: Any, spec: dataclasses.Field[Any]) -> str:
+    if "choices" in spec.metadata:
+        return "{" + ",".join(spec.metadata["choices"]()) + "}"
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if typing.get_origin(tp) in (list, dict):
+        return str(tp).replace("typing.", "").replace(f"{__name__}.", "")
+    return _type_name(tp).replace("NoneType", "None")
+
+
+def _yaml_value(value: Any) -> str:
+    data = dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    text = yaml.safe_dump(data, width=10**6, default_flow_style=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def config_reference(node: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every key of the config dataclass ``node`` (default: ``TrainConfig()``),
+    in declaration order; a section's keys are listed under it, those of a list of sections as ``name[].key``."""
+    node = TrainConfig() if node is None else node
+    hints = typing.get_type_hints(type(node))
+    rows = []
+    for spec in dataclasses.fields(node):
+        key, tp, value = prefix + spec.name, hints[spec.name], getattr(node, spec.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_reference(value, f"{key}."))
+            continue
+        rows.append((key, _type_label(tp, spec), _yaml_value(value), spec.metadata["help"]))
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if isinstance(item_tp, type) and dataclasses.is_dataclass(item_tp):
+            rows.extend(config_reference(item_tp(), f"{key}[]."))
+    return rows
 
 
 # ---------------------------------------------------------------- validation
@@ -330,8 +494,24 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
-    _check(value in options, f"{key}={value!r} is not one of: {', '.join(options)}")
+def _one_of(value: Any, options: tuple[Any, ...], key: str) -> None:
+    _check(value in options, f"{key}={value!r} is not one of: {', '.join(map(str, options))}")
+
+
+def _check_choices(node: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field under the config dataclass ``node`` holds one of its choices (also for a
+    config built without ``from_dict``)."""
+    hints = typing.get_type_hints(type(node))
+    for spec in dataclasses.fields(node):
+        value, tp, key = getattr(node, spec.name), hints[spec.name], prefix + spec.name
+        if typing.get_origin(tp) is Literal:
+            _one_of(value, typing.get_args(tp), key)
+        elif dataclasses.is_dataclass(value):
+            _check_choices(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_choices(item, f"{key}[{i}].")
 
 
 def divergence_kwargs(loss: LossConfig) -> dict[str, Any]:
@@ -341,7 +521,8 @@ def divergence_kwargs(loss: LossConfig) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model; raises ConfigError."""
-    run, loss, optim, rollout = cfg.run, cfg.loss, cfg.optim, cfg.rollout
+    run, loss, optim, rollout, update = cfg.run, cfg.loss, cfg.optim, cfg.rollout, cfg.update
+    _check_choices(cfg)
     _check(
         run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
         f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}",
@@ -351,14 +532,12 @@ def validate(cfg: TrainConfig) -> None:
     _check(run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0 (0 = keep all)")
     _check(run.log_every >= 1, "run.log_every must be >= 1")
     _check(run.threads >= 0, "run.threads must be >= 0 (0 = torch's default)")
-    _one_of(run.progress, PROGRESS, "run.progress")
     for key, device in (("run.device", run.device), ("teacher.device", cfg.teacher.device)):
         _check(
             device is None or device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
             f"{key}={device!r} is not auto, cpu, cuda, cuda:N, mps or xpu",
         )
     for side in ("student", "teacher"):
-        _one_of(getattr(cfg, side).dtype, DTYPES, f"{side}.dtype")
         _check(bool(getattr(cfg, side).model), f"{side}.model must name a local model directory or 'tiny'")
     lora = cfg.student.lora
     if lora.enabled:
@@ -367,12 +546,10 @@ def validate(cfg: TrainConfig) -> None:
         _check(len(lora.target_modules) > 0, "student.lora.target_modules must name at least one module")
     _check(cfg.teacher.batch_size >= 1, "teacher.batch_size must be >= 1")
     _validate_teachers(cfg)
-    _one_of(loss.teacher_signal, TEACHER_SIGNALS, "loss.teacher_signal")
     _check(loss.topk >= 1, f"loss.topk must be >= 1, got {loss.topk}")
-    _one_of(cfg.train.parallelism, PARALLELISMS, "train.parallelism")
     _check(
-        not (cfg.train.parallelism == "fsdp" and cfg.student.lora.enabled),
-        "train.parallelism=fsdp does not support student.lora.enabled=true; use train.parallelism=ddp with LoRA",
+        not (cfg.parallel.mode == "fsdp" and cfg.student.lora.enabled),
+        "parallel.mode=fsdp does not support student.lora.enabled=true; use parallel.mode=ddp with LoRA",
     )
     _check(len(cfg.data.tasks) >= 1, "data.tasks must name at least one task")
     _check(
@@ -387,16 +564,14 @@ def validate(cfg: TrainConfig) -> None:
     _check(rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
     _check(0.0 < rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {rollout.top_p}")
     _check(rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
-    _one_of(rollout.sampler, SAMPLERS, "rollout.sampler")
-    _one_of(loss.estimator, ESTIMATORS, "loss.estimator")
     _check(0.0 <= loss.gamma <= 1.0, f"loss.gamma must be in [0, 1], got {loss.gamma}")
     _check(loss.log_ratio_clip is None or loss.log_ratio_clip > 0, "loss.log_ratio_clip must be > 0 or null")
     _check(
         loss.clip_eps is None or 0 < loss.clip_eps < 1, f"loss.clip_eps must be in (0, 1) or null, got {loss.clip_eps}"
     )
-    _check(loss.ppo_epochs >= 1, "loss.ppo_epochs must be >= 1")
-    _check(loss.micro_batch_size >= 1, "loss.micro_batch_size must be >= 1")
-    _check(loss.logprob_chunk_size >= 1, "loss.logprob_chunk_size must be >= 1")
+    _check(update.ppo_epochs >= 1, "update.ppo_epochs must be >= 1")
+    _check(update.micro_batch_size >= 1, "update.micro_batch_size must be >= 1")
+    _check(update.logprob_chunk_size >= 1, "update.logprob_chunk_size must be >= 1")
     _check(
         loss.alpha is None or loss.divergence == "alpha",
         f"loss.alpha is only used by loss.divergence=alpha (got divergence {loss.divergence!r})",
@@ -405,12 +580,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
     _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)")
     _check(optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-    _one_of(optim.schedule, SCHEDULES, "optim.schedule")
     _check(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
     _check(optim.max_grad_norm is None or optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
     _check(cfg.eval.every >= 0, "eval.every must be >= 0 (0 = only at the end)")
     _check(cfg.eval.num_prompts >= 1, "eval.num_prompts must be >= 1")
-    _one_of(cfg.eval.score_decoding, ("sample", "greedy"), "eval.score_decoding")
     _check(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 or null")
     if run.tensorboard:
         _check(

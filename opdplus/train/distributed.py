@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 import os
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-PARALLELISMS = ("ddp", "fsdp")
+ParallelMode = Literal["ddp", "fsdp"]  # used when launched with several processes
+PARALLELISMS: tuple[str, ...] = typing.get_args(ParallelMode)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def init_distributed(device: torch.device, parallelism: str = "ddp") -> tuple[Di
     On CUDA each rank takes ``cuda:LOCAL_RANK`` and nccl; on CPU, gloo.
     """
     if parallelism not in PARALLELISMS:
-        raise ValueError(f"train.parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
+        raise ValueError(f"parallel.mode must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(parallelism=parallelism), device
@@ -73,6 +75,19 @@ def shutdown(ctx: DistContext, *, wait_for_others: bool = True) -> None:
             dist.barrier()
         time.sleep(0.2)
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device, parallelism: str = "ddp") -> Iterator[tuple[DistContext, torch.device]]:
+    """``init_distributed`` ... ``shutdown`` around a block; on an error the group is torn down without
+    waiting at a barrier the other ranks may never reach."""
+    ctx, device = init_distributed(device, parallelism)
+    try:
+        yield ctx, device
+    except BaseException:
+        shutdown(ctx, wait_for_others=False)
+        raise
+    shutdown(ctx)
 
 
 def barrier(ctx: DistContext) -> None:
@@ -169,7 +184,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP; use train.parallelism=ddp")
+        raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP; use parallel.mode=ddp")
     return list(layers)
 
 

@@ -1,8 +1,9 @@
-"""Per-step metrics: reductions over loss tokens, and the writer (metrics.jsonl, progress, TB / W&B).
+"""Per-step metrics: reductions over loss tokens, what a step logs of its rollouts, divergences and
+timings, and the writer (metrics.jsonl, progress, TB / W&B).
 
-Keys are namespaced: ``loss/``, ``div/``, ``adv/``, ``rollout/``, ``eval/``, ``perf/``. The reductions
-are small functions of local tensors returning sums and counts, so that a distributed run can
-all-reduce them before dividing.
+Keys are namespaced: ``loss/``, ``div/``, ``adv/``, ``rollout/``, ``eval/``, ``perf/``, ``teacher/``. The
+reductions are small functions of local tensors, so that a distributed run can all-reduce their results
+(``distributed.reduce_metrics``, weighted by loss tokens).
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from opdplus.ops.advantages import log_ratio_clip_fraction, masked_log_ratio
+from opdplus.ops.divergences import Divergence
+from opdplus.rollout.types import RolloutBatch, Teacher
+from opdplus.train.config import TrainConfig, to_dict
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -58,6 +66,83 @@ def peak_memory_mb(device: torch.device) -> float:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------- what a step logs
+
+
+def divergence_metrics(
+    divergence: Divergence,
+    student_lp_B_T: torch.Tensor,
+    teacher_lp_B_T: torch.Tensor,
+    loss_mask_B_T: torch.Tensor,
+    log_ratio_clip: float | None,
+) -> dict[str, float]:
+    """Sampled-token estimates (per token) of the chosen divergence D_f(q || pi) and of KL(pi || q)."""
+    log_ratio_B_T = masked_log_ratio(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip).double()
+    f_B_T = divergence.f(divergence.safe_log_ratio(log_ratio_B_T))
+    raw_B_T = masked_log_ratio(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T)
+    return {
+        f"div/{divergence.name}": masked_mean(f_B_T, loss_mask_B_T),
+        "div/reverse_kl": masked_mean(-raw_B_T, loss_mask_B_T),
+        "adv/log_ratio_clip_frac": float(
+            log_ratio_clip_fraction(student_lp_B_T, teacher_lp_B_T, loss_mask_B_T, log_ratio_clip)
+        ),
+    }
+
+
+def per_task_reverse_kl(student_lp_B_T: torch.Tensor, batch: RolloutBatch) -> dict[str, float]:
+    """``div/<task>/reverse_kl`` per task tag (so each routed teacher has its own), when there are several."""
+    tags = sorted(set(batch.tasks))
+    if len(tags) < 2:
+        return {}
+    out = {}
+    for tag in tags:
+        rows_B = torch.tensor([t == tag for t in batch.tasks])
+        mask_B_T = batch.loss_mask_B_T & rows_B[:, None].to(batch.loss_mask_B_T.device)
+        out[f"div/{tag}/reverse_kl"] = masked_mean(student_lp_B_T - batch.teacher_logprobs_B_T, mask_B_T)
+    return out
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    lengths_B = batch.completion_lengths_B().double()
+    truncated_B = (
+        batch.truncated_B if batch.truncated_B is not None else torch.zeros(batch.batch_size, dtype=torch.bool)
+    )
+    return {
+        "rollout/len_mean": float(lengths_B.mean()),
+        "rollout/len_max": float(lengths_B.max()),
+        "rollout/truncated_frac": float(truncated_B.double().mean()),
+        "rollout/tokens": float(lengths_B.sum()),
+        "rollout/sequences": float(batch.batch_size),
+    }
+
+
+def teacher_usage(teacher: Teacher) -> dict[str, float]:
+    """The teacher's counters for this step, ``teacher/...``: per task for a routed teacher
+    (``teacher/<task>/{rows,tokens,seconds}``), requests and retries for a served one; reset each step."""
+    usage = getattr(teacher, "metrics", None)
+    return {} if usage is None else {f"teacher/{k}": float(v) for k, v in usage(reset=True).items()}
+
+
+@contextmanager
+def timed(phase: str, seconds: dict[str, float], device: torch.device | None = None) -> Iterator[None]:
+    """``seconds[phase]``: the wall time of the block (waiting for the accelerator's queued work at its end)."""
+    start = time.perf_counter()
+    yield
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[phase] = time.perf_counter() - start
+
+
+def throughput_metrics(seconds: dict[str, float], tokens: float, update_passes: int) -> dict[str, float]:
+    """``perf/``: loss tokens per second of the sample, score and update phases, and the step's seconds."""
+    return {
+        "perf/sample_tok_s": tokens / max(seconds["sample"], 1e-9),
+        "perf/score_tok_s": tokens / max(seconds["score"], 1e-9),
+        "perf/update_tok_s": tokens * update_passes / max(seconds["update"], 1e-9),
+        "perf/step_s": seconds["sample"] + seconds["score"] + seconds["update"],
+    }
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -185,3 +270,64 @@ class MetricsWriter:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class NullWriter:
+    """The metrics sink of ranks other than 0."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_metrics_writer(
+    cfg: TrainConfig, run_dir: Path, start_step: int, *, is_main: bool
+) -> MetricsWriter | NullWriter:
+    """The run's writer on rank 0, a ``NullWriter`` elsewhere."""
+    if not is_main:
+        return NullWriter()
+    return MetricsWriter(
+        run_dir,
+        total_steps=cfg.run.steps,
+        start_step=start_step,
+        progress=cfg.run.progress,
+        log_every=cfg.run.log_every,
+        tensorboard=cfg.run.tensorboard,
+        wandb=cfg.run.wandb,
+        wandb_project=cfg.run.wandb_project,
+        config=to_dict(cfg),
+    )
+
+
+def step_metrics(
+    update: dict[str, float],
+    batch: RolloutBatch,
+    rollout_student_lp_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    *,
+    divergence: Divergence,
+    log_ratio_clip: float | None,
+    teacher: Teacher,
+    seconds: dict[str, float],
+    update_passes: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """What a training step logs (this process's values, before averaging over processes): the update's
+    ``loss/``, ``div/`` estimates, ``adv/`` statistics, ``rollout/`` lengths, teacher usage and ``perf/``."""
+    if batch.teacher_logprobs_B_T is None:
+        raise ValueError("step_metrics needs the teacher's scores: set batch.teacher_logprobs_B_T first")
+    tokens = float(count_loss_tokens(batch.loss_mask_B_T))
+    return {
+        **update,
+        **divergence_metrics(
+            divergence, rollout_student_lp_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T, log_ratio_clip
+        ),
+        **per_task_reverse_kl(rollout_student_lp_B_T, batch),
+        **{f"adv/{k}": v for k, v in masked_stats(advantages_B_T, batch.loss_mask_B_T).items()},
+        **rollout_metrics(batch),
+        **{f"perf/{k}": v for k, v in teacher_usage(teacher).items()},
+        **throughput_metrics(seconds, tokens, update_passes),
+        "perf/peak_mem_mb": peak_memory_mb(device),
+    }

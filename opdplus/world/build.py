@@ -35,7 +35,7 @@ from opdplus.eval.runner import greedy_accuracy, held_out_items
 from opdplus.models.prune import prune_to
 from opdplus.tasks.base import TaskItem, get_task
 from opdplus.tasks.synthetic import solution_of
-from opdplus.train.loop import lr_factor
+from opdplus.train.schedule import lr_factor
 
 WORLD_VERSION = "world-v1"
 WORLD_TASKS = ("synthetic_math", "synthetic_tool_use")

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -20,33 +19,26 @@ from opdplus.ops.advantages import ESTIMATORS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
-# The distillation config of every demo run (a complete `opdplus train` config; models are filled in).
-DEMO_TRAIN: dict[str, Any] = {
-    "run": {
-        "steps": 60,
-        "seed": 0,
-        "device": "cpu",
-        "threads": 1,
-        "checkpoint_every": 0,
-        "keep_checkpoints": 1,
-        "progress": "none",
-    },
-    "student": {"model": "world:student"},
-    "teacher": {"model": "world:teacher", "batch_size": 64},
-    "data": {"tasks": ["synthetic_math", "synthetic_tool_use"], "prompts_per_step": 16},
-    "rollout": {"max_new_tokens": 40, "samples_per_prompt": 2, "temperature": 1.0, "batch_size": 64, "sampler": "fast"},
-    "loss": {"gamma": 0.0, "log_ratio_clip": None, "ppo_epochs": 1, "micro_batch_size": 32},
-    "optim": {"lr": 1e-3, "warmup_steps": 5, "schedule": "constant", "max_grad_norm": 1.0},
-    "eval": {"every": 10, "num_prompts": 32, "at_end": True, "score_decoding": "greedy"},
-}
+# The distillation config of every demo run (a complete `opdplus train` config; models are filled in). It lives
+# in the source tree, next to the package, like bench/.
+DEMO_PRESET = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def demo_train_config(steps: int, overrides: list[str] = ()) -> dict[str, Any]:
-    """``DEMO_TRAIN`` with ``steps`` and ``key=value`` overrides (as for `opdplus train`)."""
-    from opdplus.train.config import apply_overrides
+def demo_train_config(steps: int | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """``configs/demo.yaml`` with ``steps`` (default: its run.steps) and ``key=value`` overrides (as for
+    `opdplus train`)."""
+    import yaml
 
-    train = copy.deepcopy(DEMO_TRAIN)
-    train["run"]["steps"] = steps
+    from opdplus.train.config import ConfigError, apply_overrides
+
+    if not DEMO_PRESET.is_file():
+        raise ConfigError(
+            f"the demo's training preset {DEMO_PRESET} is missing; it is part of the source tree (configs/), so "
+            "run the demo from a checkout of the repository installed with `pip install -e .` (as `make demo` does)"
+        )
+    train = yaml.safe_load(DEMO_PRESET.read_text())
+    if steps is not None:
+        train["run"]["steps"] = steps
     return apply_overrides(train, list(overrides))
 
 
@@ -88,7 +80,13 @@ def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> No
 
 
 def run_demo(
-    out: Path, *, steps: int, eval_items: int, workers: int, overrides: list[str] = (), world_root: Path | None = None
+    out: Path,
+    *,
+    steps: int | None,
+    eval_items: int,
+    workers: int,
+    overrides: list[str] = (),
+    world_root: Path | None = None,
 ) -> dict[str, Any]:
     """The whole demo; returns the summary printed as the last line."""
     import torch
@@ -117,6 +115,7 @@ def run_demo(
         f"reverse KL {start['reverse_kl']:.4f}"
     )
     train = resolve_world_models(demo_train_config(steps, overrides), world_root)
+    steps = train["run"]["steps"]
     runs = expand_grid(
         train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items
     )

@@ -10,7 +10,7 @@ from ddp_case import build_case
 
 from opdplus.models.forward import HiddenForward
 from opdplus.train import distributed as dist_utils
-from opdplus.train.loop import update_policy
+from opdplus.train.update import update_policy
 
 
 def main(parallelism: str, out_path: str, micro_batch_size: int) -> None:

@@ -16,8 +16,8 @@ from ddp_case import build_case
 
 from opdplus.models.forward import HiddenForward
 from opdplus.train.distributed import torchrun_command
-from opdplus.train.loop import update_policy
 from opdplus.train.metrics import read_metrics
+from opdplus.train.update import update_policy
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
@@ -84,7 +84,7 @@ TINY = [
     "data.prompts_per_step=4",
     "rollout.samples_per_prompt=2",
     "rollout.max_new_tokens=6",
-    "loss.micro_batch_size=2",
+    "update.micro_batch_size=2",
     "eval.at_end=false",
     "student.tiny.hidden_size=32",
     "student.tiny.intermediate_size=64",
@@ -106,7 +106,7 @@ def test_two_process_run_checkpoints_once_and_resumes_with_two_or_one(parallelis
         "configs/tiny.yaml",
         *TINY,
         f"run.dir={run_dir}",
-        f"train.parallelism={parallelism}",
+        f"parallel.mode={parallelism}",
         "run.checkpoint_every=1",
         f"rollout.sampler={sampler}",
     ]

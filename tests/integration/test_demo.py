@@ -117,18 +117,18 @@ def test_aggregate_mean_std(tmp_path):
     assert mean_std([1.0]) == (1.0, 0.0)
 
 
-def test_sweep_preset_matches_demo_and_validates():
+def test_sweep_preset_trains_with_the_demo_preset_and_validates():
     import yaml
 
     from opdplus.sweep import load_sweep_file
     from opdplus.train.config import TrainConfig, from_dict, validate
-    from opdplus.world.demo import DEMO_TRAIN
+    from opdplus.world.demo import DEMO_PRESET, demo_train_config
 
     preset = Path(__file__).resolve().parents[2] / "configs" / "sweep.yaml"
     data = load_sweep_file(preset)
-    demo = yaml.safe_load(yaml.safe_dump(DEMO_TRAIN))
-    demo["run"].pop("seed")  # the grid sets it
-    assert data["train"] == demo  # one budget for demo and sweep
+    assert DEMO_PRESET == preset.parent / "demo.yaml"
+    assert data["train"] == yaml.safe_load(DEMO_PRESET.read_text()) == demo_train_config()  # one budget
+    assert demo_train_config(7, ["optim.lr=0.5"])["run"]["steps"] == 7
     validate(from_dict(TrainConfig, {**data["train"], "student": {"model": "x"}, "teacher": {"model": "y"}}))
     assert set(data["grid"]["divergence"]) >= {
         "reverse_kl",

@@ -14,17 +14,12 @@ from opdplus.ops.divergences import divergence_names
 from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.tasks.base import TaskItem, register_task
 from opdplus.train import ConfigError, RunDirError, train
+from opdplus.train.builders import build_student, build_tasks, build_teacher, prompts_for_step
 from opdplus.train.checkpoint import CorruptCheckpointError, verify_checkpoint
 from opdplus.train.config import load_config, with_overrides
-from opdplus.train.loop import (
-    build_optimizer,
-    build_student,
-    build_tasks,
-    build_teacher,
-    prompts_for_step,
-    update_policy,
-)
 from opdplus.train.metrics import read_metrics
+from opdplus.train.schedule import build_optimizer
+from opdplus.train.update import update_policy
 
 NAMESPACES = ("loss/", "div/", "adv/", "rollout/", "eval/", "perf/")
 
@@ -119,7 +114,7 @@ def test_off_policy_features_run_finite(tmp_path, tiny_train_config):
         "rollout.temperature=0.8",
         "rollout.top_k=20",
         "rollout.top_p=0.95",
-        "loss.ppo_epochs=2",
+        "update.ppo_epochs=2",
         "loss.clip_eps=0.1",
         "loss.gamma=0.9",
         "loss.log_ratio_clip=0.5",
@@ -386,7 +381,7 @@ def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward
         "optim.lr=0.01",
         "data.prompts_per_step=8",
         "rollout.samples_per_prompt=4",
-        "loss.micro_batch_size=32",
+        "update.micro_batch_size=32",
     ]
     trends = {}
     for divergence, estimator in (("reverse_kl", "opd_plus"), ("forward_kl", "opd_plus"), ("forward_kl", "opd")):
@@ -412,7 +407,7 @@ def test_train_without_config_runs_the_demo(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)
     assert main(["train"]) == 0
-    assert seen["args"].steps == demo.DEMO_TRAIN["run"]["steps"] and seen["args"].eval_items == 200
+    assert seen["args"].steps is None and seen["args"].eval_items == 200  # None: run.steps of configs/demo.yaml
     assert "running the demo" in capsys.readouterr().out
 
 

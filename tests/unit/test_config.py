@@ -1,11 +1,13 @@
 """Config: presets, overrides, type checks, validation errors, YAML round trip."""
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from opdplus.train import config
 from opdplus.train.config import (
     ConfigError,
     TrainConfig,
@@ -16,7 +18,7 @@ from opdplus.train.config import (
     to_yaml,
     with_overrides,
 )
-from opdplus.train.loop import lr_factor
+from opdplus.train.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,3 +170,109 @@ def test_forward_kl_eval_needs_a_local_teacher():
     with pytest.raises(ConfigError, match="eval.forward_kl=true samples from the teacher"):
         load_config(None, ["eval.forward_kl=true", "teacher.url=http://127.0.0.1:9"])
     assert load_config(None, ["eval.forward_kl=true"]).eval.forward_kl
+
+
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    return [
+        key
+        for name, value in data.items()
+        for key in (_leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) and value else [f"{prefix}{name}"])
+    ]
+
+
+def test_help_config_prints_every_key_with_type_default_and_help(capsys):
+    from opdplus.cli import main
+
+    from opdplus.ops.divergences import register_divergence, unregister_divergence
+
+    register_divergence("my_sq", lambda u: (u - 1) ** 2)
+    try:
+        assert main(["train", "--help-config"]) == 0
+    finally:
+        unregister_divergence("my_sq")
+    rows = {row[0]: row[1:] for row in (line.split("\t") for line in capsys.readouterr().out.splitlines())}
+    assert all(len(rest) == 3 and all(rest) for rest in rows.values()), rows  # type, default, help: never empty
+    assert set(_leaf_keys(to_dict(TrainConfig()))) <= set(rows)
+    assert {"teachers", "teachers[].task", "teachers[].teacher.url"} <= set(rows)
+    assert rows["loss.estimator"][:2] == ["{opd,opd_plus}", "opd_plus"]
+    assert rows["loss.divergence"][0].startswith("{reverse_kl,forward_kl,") and "my_sq" in rows["loss.divergence"][0]
+    assert rows["rollout.sampler"][:2] == ["{hf,fast}", "hf"]
+    assert rows["loss.teacher_signal"][:2] == ["{sampled,topk,exact}", "sampled"]
+    assert rows["parallel.mode"][:2] == ["{ddp,fsdp}", "ddp"]
+    assert rows["update.ppo_epochs"][:2] == ["int", "1"]
+    assert rows["loss.log_ratio_clip"][:2] == ["float | None", "null"]
+    assert rows["teacher.tiny.hidden_size"][1] == "96" and rows["student.tiny.hidden_size"][1] == "64"
+    assert not set(config.RENAMED_KEYS) & set(rows)
+
+
+def test_choices_have_one_source():
+    from opdplus.ops.advantages import ESTIMATORS
+    from opdplus.train.distributed import PARALLELISMS
+
+    hints = typing.get_type_hints(config.LossConfig)
+    assert typing.get_args(hints["estimator"]) == ESTIMATORS == ("opd", "opd_plus")
+    assert typing.get_args(typing.get_type_hints(config.ParallelConfig)["mode"]) == PARALLELISMS
+    assert typing.get_args(hints["teacher_signal"]) == typing.get_args(config.TeacherSignalName)
+    # a config built without from_dict is checked too
+    bad = dataclasses.replace(TrainConfig(), rollout=dataclasses.replace(TrainConfig().rollout, sampler="vllm"))
+    with pytest.raises(ConfigError, match=r"rollout.sampler='vllm' is not one of: hf, fast"):
+        config.validate(bad)
+
+
+OLD_KEYS = ["train.parallelism=fsdp", "loss.micro_batch_size=3", "loss.logprob_chunk_size=64", "loss.ppo_epochs=2"]
+
+
+def _check_renamed(cfg: TrainConfig) -> None:
+    assert cfg.parallel.mode == "fsdp"
+    assert (cfg.update.micro_batch_size, cfg.update.logprob_chunk_size, cfg.update.ppo_epochs) == (3, 64, 2)
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: config key")]
+
+
+def test_renamed_keys_in_overrides_warn_once_each(capsys):
+    _check_renamed(load_config(None, [*OLD_KEYS, "loss.ppo_epochs=2"]))
+    lines = _warnings(capsys.readouterr().err)
+    assert len(lines) == 4, lines  # one line per old key, even when given twice
+    assert "warning: config key loss.ppo_epochs is now update.ppo_epochs (override); see CHANGELOG.md" in lines
+    assert load_config(None, ["update.ppo_epochs=2"]).update.ppo_epochs == 2
+    assert _warnings(capsys.readouterr().err) == []
+
+
+def test_renamed_keys_in_a_yaml_preset(tmp_path, capsys):
+    preset = tmp_path / "old.yaml"
+    preset.write_text(
+        "train: {parallelism: fsdp}\nloss: {micro_batch_size: 3, logprob_chunk_size: 64, ppo_epochs: 2, gamma: 0.5}\n"
+    )
+    cfg = load_config(preset, ["update.micro_batch_size=3"])
+    _check_renamed(cfg)
+    assert cfg.loss.gamma == 0.5
+    lines = _warnings(capsys.readouterr().err)
+    assert len(lines) == 4
+    assert f"warning: config key train.parallelism is now parallel.mode (in {preset}); see CHANGELOG.md" in lines
+    assert "parallelism" not in to_yaml(cfg) and "update:" in to_yaml(cfg)
+    with pytest.raises(ConfigError, match="loss.ppo_epochs is the old name of update.ppo_epochs and both are set"):
+        preset.write_text("loss: {ppo_epochs: 2}\nupdate: {ppo_epochs: 3}\n")
+        load_config(preset)
+
+
+def test_resume_translates_a_stored_config_with_old_keys(tmp_path, capsys):
+    """A run directory written before the renames resumes: its config.yaml goes through the same map."""
+    import argparse
+
+    from opdplus.train import cli
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stored = to_dict(load_config(None, [f"run.dir={run_dir}", "update.micro_batch_size=3", "parallel.mode=fsdp"]))
+    stored["train"] = {"parallelism": stored.pop("parallel")["mode"]}
+    stored["loss"].update(stored.pop("update"))
+    stored["loss"].update(ppo_epochs=2, logprob_chunk_size=64)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    capsys.readouterr()
+    args = argparse.Namespace(resume=str(run_dir), config=None, overrides=["run.steps=5"])
+    cfg = cli._load(args)
+    _check_renamed(cfg)
+    assert cfg.run.steps == 5 and cfg.run.dir == str(run_dir)
+    assert len(_warnings(capsys.readouterr().err)) == 4

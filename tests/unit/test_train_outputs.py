@@ -103,3 +103,39 @@ def test_metrics_writer_plain_lines_bar_and_truncation(tmp_path):
         assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
     assert plain.getvalue().splitlines() == ["step 2/4 loss=0.5 rkl=0.5", "step 4/4 loss=0.25 rkl=0.5"]
     assert "4/4" in terminal.getvalue() and "loss=0.25" in terminal.getvalue()
+
+
+def test_timed_phases_give_the_step_throughput():
+    from opdplus.train.metrics import throughput_metrics, timed
+
+    seconds: dict[str, float] = {}
+    for phase in ("sample", "score", "update"):
+        with timed(phase, seconds, torch.device("cpu")):
+            sum(range(1000))
+    with pytest.raises(RuntimeError), timed("eval", seconds):
+        raise RuntimeError("a failing block records nothing")
+    assert sorted(seconds) == ["sample", "score", "update"] and all(s >= 0 for s in seconds.values())
+    perf = throughput_metrics({"sample": 2.0, "score": 0.5, "update": 1.0}, tokens=100.0, update_passes=2)
+    assert perf == {
+        "perf/sample_tok_s": 50.0,
+        "perf/score_tok_s": 200.0,
+        "perf/update_tok_s": 200.0,
+        "perf/step_s": 3.5,
+    }
+
+
+def test_each_teacher_signal_has_its_update_loss():
+    import typing
+
+    from opdplus.ops.divergences import get_divergence
+    from opdplus.train.config import TeacherSignalName, load_config
+    from opdplus.train.update import PerPositionLoss, PolicyGradientLoss, update_loss_for
+
+    divergence = get_divergence("jsd")
+    losses = {
+        s: update_loss_for(load_config(None, [f"loss.teacher_signal={s}"]).loss, divergence, None)
+        for s in typing.get_args(TeacherSignalName)
+    }
+    assert isinstance(losses["sampled"], PolicyGradientLoss)
+    assert losses["topk"] == PerPositionLoss("topk", divergence, 0.0, None)
+    assert losses["exact"] == PerPositionLoss("exact", divergence, 0.0, None)
