@@ -380,7 +380,8 @@ def _mean(rows, key):
 
 def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward_kl_drifts(tmp_path, tiny_train_config):
     """The loop distils: with OPD+ the student's reverse KL to the teacher falls over 60 small steps (for
-    reverse and forward KL), while stop-gradient forward KL drives it up (the collapse DESIGN.md predicts)."""
+    reverse and forward KL), while stop-gradient forward KL drives it up (the collapse that docs/derivations.md,
+    "The table", predicts)."""
     budget = [
         "run.steps=60",
         "optim.lr=0.01",
