@@ -38,7 +38,8 @@ def build(args: argparse.Namespace):
         max_positions=args.prompt + args.new_tokens + 8,
         initializer_range=0.02,
     )
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))  # pyright: ignore[reportCallIssue]  (PreTrainedModel.to is functools.wraps(nn.Module.to): its stub loses the bound self)
+    model.eval()
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(max(1, args.prompt // 4), args.prompt + 1, (args.batch,), generator=rng)
     prompts = [torch.randint(3, args.vocab, (int(n),), generator=rng).tolist() for n in lengths]

@@ -67,7 +67,7 @@ def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    net.to(device).eval()
+    net.to(device).eval()  # pyright: ignore[reportArgumentType]  (PreTrainedModel.to is functools.wraps(nn.Module.to): its stub loses the bound self)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:  # scoring needs no tokenizer; tokens are then shown as ids
@@ -83,7 +83,10 @@ class ScoringEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        get_input_embeddings = getattr(model, "get_input_embeddings", None)
+        if get_input_embeddings is None:
+            raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); pass a Hugging Face causal LM")
+        self.vocab_size = int(get_input_embeddings().num_embeddings)
         self.decode = functools.lru_cache(maxsize=None)(self._decode)
 
     @torch.no_grad()
@@ -271,6 +274,7 @@ class DynamicBatcher:
             if error is not None:
                 job.future.set_exception(RuntimeError(f"scoring failed: {error}"))
             else:
+                assert results is not None, "_resolve needs results or an error"
                 job.future.set_result(results[i])
 
 

@@ -29,7 +29,7 @@ def tokenizer():
 def test_tokenizer_lossless_with_special_tokens(tokenizer):
     for name in MICRO.tasks:
         for item in get_task(name).items("eval", 20):
-            text = item.prompt + solution_of(item)
+            text = item.prompt_text + solution_of(item)
             ids = tokenizer(text)["input_ids"]
             assert ids[0] == tokenizer.bos_token_id
             assert tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -97,7 +97,7 @@ def test_greedy_complete_batching_and_padding_do_not_matter(tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    prompts = [item.prompt for name in MICRO.tasks for item in get_task(name).items("eval", 3)]  # lengths differ
+    prompts = [item.prompt_text for name in MICRO.tasks for item in get_task(name).items("eval", 3)]  # lengths differ
     tokenizer.padding_side = "right"
     batched = greedy_complete(model, tokenizer, prompts, max_new_tokens=6)
     alone = [greedy_complete(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
