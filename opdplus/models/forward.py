@@ -37,7 +37,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable, float | None] | None:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None] | None:
     """(decoder, lm_head, final_logit_softcap) when logits are plain ``lm_head(decoder(x))``, else None."""
     base = unwrap_model(model)
     config = getattr(base, "config", None)
