@@ -22,7 +22,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/basedpyright --pythonpath $(PY)
+	$(VENV)/bin/basedpyright --project . --pythonpath $(PY)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
