@@ -66,7 +66,8 @@ def build_student(device: str, dtype):
         max_positions=4096,
         initializer_range=0.02,
     )
-    return model.to(device=device, dtype=dtype)  # pyright: ignore[reportCallIssue]  (PreTrainedModel.to is functools.wraps(nn.Module.to): its stub loses the bound self)
+    # transformers declares PreTrainedModel.to as functools.wraps(nn.Module.to), which hides the bound self
+    return model.to(device=device, dtype=dtype)  # pyright: ignore[reportCallIssue]
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, prompt: int):

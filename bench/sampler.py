@@ -38,7 +38,8 @@ def build(args: argparse.Namespace):
         max_positions=args.prompt + args.new_tokens + 8,
         initializer_range=0.02,
     )
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))  # pyright: ignore[reportCallIssue]  (PreTrainedModel.to is functools.wraps(nn.Module.to): its stub loses the bound self)
+    # transformers declares PreTrainedModel.to as functools.wraps(nn.Module.to), which hides the bound self
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))  # pyright: ignore[reportCallIssue]
     model.eval()
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(max(1, args.prompt // 4), args.prompt + 1, (args.batch,), generator=rng)

@@ -67,7 +67,8 @@ def load_teacher_model(model: str, *, device: str = "auto", dtype: str = "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    net.to(device).eval()  # pyright: ignore[reportArgumentType]  (PreTrainedModel.to is functools.wraps(nn.Module.to): its stub loses the bound self)
+    # transformers declares PreTrainedModel.to as functools.wraps(nn.Module.to), which hides the bound self
+    net.to(device).eval()  # pyright: ignore[reportArgumentType]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:  # scoring needs no tokenizer; tokens are then shown as ids

@@ -152,9 +152,8 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
 
     for module in decoder_layers(model):
         fully_shard(module, reshard_after_forward=True)
-    root = fully_shard(
-        model, reshard_after_forward=False
-    )  # FSDP2's defaults, explicit so ``gathered`` can restore them
+    # FSDP2's own defaults, explicit so ``gathered`` can restore them
+    root = fully_shard(model, reshard_after_forward=False)
     # FSDP initialises lazily on the root's first forward; run one now, since generation calls the
     # layers directly (under ``gathered``) before any training forward.
     with torch.no_grad():

@@ -86,7 +86,8 @@ def test_kv_cache_uses_new_layer_indices(teacher_dir, tmp_path):
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1, 2]
     ids = torch.tensor([[5, 9, 14, 20]])
     with torch.no_grad():
-        generate = student.generate  # pyright: ignore[reportAttributeAccessIssue]  (transformers types generate's self as a protocol its models miss)
+        # transformers types generate's self as a protocol that its own models do not satisfy
+        generate = student.generate  # pyright: ignore[reportAttributeAccessIssue]
         out = generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, eos_token_id=None)
         no_cache = generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, eos_token_id=None)
     assert torch.equal(out, no_cache)
