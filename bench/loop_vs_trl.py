@@ -67,9 +67,10 @@ PHASES = ("sample", "score", "update", "total")
 
 def save_models(workdir: Path, args: argparse.Namespace) -> None:
     """Student and teacher as HF directories with the character tokenizer; model vocab = ``args.vocab``."""
-    from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
+    from opdplus.models.tiny import build_char_tokenizer, build_tiny_model, special_token_ids
 
     tokenizer = build_char_tokenizer()
+    pad, bos, eos = special_token_ids(tokenizer)
     for name, hidden, layers, seed in (
         ("student", args.student_hidden, args.student_layers, 0),
         ("teacher", args.teacher_hidden, args.teacher_layers, 1),
@@ -84,9 +85,9 @@ def save_models(workdir: Path, args: argparse.Namespace) -> None:
             seed=seed,
             max_positions=512,
             initializer_range=0.02,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+            bos_token_id=bos,
+            eos_token_id=eos,
         )
         model.save_pretrained(workdir / name)
         tokenizer.save_pretrained(workdir / name)
@@ -96,7 +97,7 @@ def prompt_texts(n: int, seed: int = 0) -> list[str]:
     """The prompts both sides see: the ``contains`` task's training items."""
     from opdplus.tasks.base import get_task
 
-    return [item.prompt for item in get_task("contains").items("train", n, seed=seed)]
+    return [item.prompt_text for item in get_task("contains").items("train", n, seed=seed)]
 
 
 # ---------------------------------------------------------------- workers (one trainer per process)
@@ -158,7 +159,9 @@ class _TRLTimer:
     """Times TRL's phases by wrapping the trainer's generate / hidden-state methods and its step callbacks."""
 
     def __init__(self, trainer) -> None:
-        self.trainer, self.steps, self.current = trainer, [], None
+        self.trainer = trainer
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = {}  # the step being timed, set at each step's start
         self.student = trainer.accelerator.unwrap_model(trainer.model)
         generate, hidden, score = (
             trainer._generate_single_turn,
@@ -211,7 +214,8 @@ class _TRLTimer:
 def run_trl(args: argparse.Namespace) -> list[dict]:
     import datasets
     from transformers import AutoTokenizer
-    from trl import DistillationConfig, DistillationTrainer
+    from trl.trainer.distillation_config import DistillationConfig
+    from trl.trainer.distillation_trainer import DistillationTrainer
 
     w = Path(args.workdir)
     tokenizer = AutoTokenizer.from_pretrained(w / "student")

@@ -38,7 +38,9 @@ def build(args: argparse.Namespace):
         max_positions=args.prompt + args.new_tokens + 8,
         initializer_range=0.02,
     )
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    # transformers declares PreTrainedModel.to as functools.wraps(nn.Module.to), which hides the bound self
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))  # pyright: ignore[reportCallIssue]
+    model.eval()
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(max(1, args.prompt // 4), args.prompt + 1, (args.batch,), generator=rng)
     prompts = [torch.randint(3, args.vocab, (int(n),), generator=rng).tolist() for n in lengths]

@@ -118,7 +118,7 @@ def measure(url: str, clients: int, args: argparse.Namespace, vocab: int) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--model", default=None, help="teacher model directory (default: a tiny random Llama)")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=20, help="requests per client")

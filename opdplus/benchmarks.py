@@ -47,6 +47,7 @@ def run_script(path: Path, script_args: list[str]) -> dict:
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(path.parent.parent), os.environ.get("PYTHONPATH")]))
     )
     proc = subprocess.Popen([sys.executable, str(path), *script_args], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None  # stdout=PIPE
     captured = []
     for line in proc.stdout:
         print(line, end="", flush=True)

@@ -26,7 +26,9 @@ def load_reference_checker():
     spec = importlib.util.find_spec("bfcl_eval")
     if spec is None:
         raise ModuleNotFoundError("bfcl-eval is not installed: pip install --no-deps bfcl-eval", name="bfcl_eval")
-    source_path = Path(next(iter(spec.submodule_search_locations))) / "eval_checker/ast_eval/ast_checker.py"
+    if not spec.submodule_search_locations:
+        raise ModuleNotFoundError("bfcl_eval is not a package directory; reinstall bfcl-eval", name="bfcl_eval")
+    source_path = Path(spec.submodule_search_locations[0]) / "eval_checker/ast_eval/ast_checker.py"
     source = source_path.read_text()
     source = re.sub(r"^from bfcl_eval[^\n]*\((?:.|\n)*?\)\n|^from bfcl_eval[^\n]*\n", "", source, flags=re.M)
     namespace = {

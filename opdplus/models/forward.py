@@ -25,17 +25,19 @@ def position_ids_from_mask(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft or DDP wrapper (LoRA layers stay injected)."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
-            model = model.module
+        inner = getattr(model, "module", None)
+        get_base_model = getattr(model, "get_base_model", None)
+        if isinstance(inner, torch.nn.Module):  # DDP
+            model = inner
         elif isinstance(model, HiddenForward):
             model = model.model
-        elif hasattr(model, "get_base_model"):  # peft
-            model = model.get_base_model()
+        elif get_base_model is not None:  # peft
+            model = get_base_model()
         else:
             return model
 
 
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable, float | None] | None:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None] | None:
     """(decoder, lm_head, final_logit_softcap) when logits are plain ``lm_head(decoder(x))``, else None."""
     base = unwrap_model(model)
     config = getattr(base, "config", None)
@@ -43,7 +45,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable,
         return None
     get_decoder = getattr(base, "get_decoder", None)
     decoder = get_decoder() if get_decoder is not None else None
-    head = base.get_output_embeddings()
+    get_output_embeddings = getattr(base, "get_output_embeddings", None)
+    head = get_output_embeddings() if get_output_embeddings is not None else None
     if decoder is None or decoder is base or head is None:
         return None
     return decoder, head, getattr(config, "final_logit_softcapping", None)
@@ -63,9 +66,10 @@ def completion_logprobs(
     Float32; differentiable when called with autograd enabled.
     """
     policy = hidden_forward_of(model)
-    # A wrapped HiddenForward is called through its (DDP / FSDP) wrapper, so gradient sync sees the forward.
-    forward = model if policy is not None else HiddenForward(model)
-    policy = policy or forward
+    if policy is None:
+        policy = forward = HiddenForward(model)
+    else:  # a wrapped HiddenForward is called through its (DDP / FSDP) wrapper, so gradient sync sees the forward
+        forward = model
     return shifted_completion_logprobs(
         forward(input_ids_B_T, attention_mask_B_T),
         policy.head,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "<|im_end|>", "<unk>"
 IM_START = "<|im_start|>"
@@ -49,6 +49,14 @@ def build_char_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
+    """(pad, bos, eos) token ids of ``tokenizer``; raises ValueError when one is missing."""
+    pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    if not (isinstance(pad, int) and isinstance(bos, int) and isinstance(eos, int)):
+        raise ValueError(f"the tokenizer needs single pad, bos and eos token ids, got {(pad, bos, eos)}")
+    return pad, bos, eos
 
 
 def build_tiny_model(
@@ -98,12 +106,13 @@ def save_tiny_model_dir(path: str | Path, *, seed: int = 0, **model_kwargs: int)
     """Write a tiny model and its tokenizer as a Hugging Face directory; returns the path."""
     path = Path(path)
     tokenizer = build_char_tokenizer()
+    pad, bos, eos = special_token_ids(tokenizer)
     model = build_tiny_model(
         len(tokenizer),
         seed=seed,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
         **model_kwargs,
     )
     model.save_pretrained(path)

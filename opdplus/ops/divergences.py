@@ -7,10 +7,12 @@ Everything is a function of the log-ratio l = log q - log pi (teacher over stude
 * ``weighted(logp, logq)`` = pi f(q/pi), the perspective form used for the exact divergence over a
   vocabulary; it stays finite where pi -> 0.
 
-Directions follow DESIGN.md §1: ``reverse_kl`` is KL(pi||q), ``forward_kl`` is KL(q||pi),
-``pearson_chi2`` is chi2(q||pi), ``neyman_chi2`` is chi2(pi||q). All forms avoid cancellation
-(expm1, softplus) so they hold from l = -50 to 50 and beyond; ``growth`` is the largest k with
-|f| ~ exp(k |l|), used to keep intermediate values finite.
+The f-divergence framing of on-policy distillation is that of "OPD+: Rethinking the Advantage Design
+for On-Policy Distillation" (Zhao et al. 2026, arXiv 2606.01039). Directions follow docs/derivations.md
+("Setting", "The table"): ``reverse_kl`` is KL(pi||q), ``forward_kl`` is KL(q||pi), ``pearson_chi2`` is
+chi2(q||pi), ``neyman_chi2`` is chi2(pi||q). All forms avoid cancellation (expm1, softplus) so they hold
+from l = -50 to 50 and beyond; ``growth`` is the largest k with |f| ~ exp(k |l|), used to keep
+intermediate values finite.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The policy-gradient surrogate (DESIGN.md §1, "Loss").
+"""The policy-gradient surrogate: PPO's clipped objective ("Proximal Policy Optimization Algorithms",
+Schulman et al. 2017, arXiv 1707.06347, eq. 7) with the distillation advantages of docs/derivations.md.
 
     loss = -(1/N) sum_{b,t} mask * min(rho A, clip(rho, 1 - eps, 1 + eps) A),
     rho  = exp(log pi_theta - log pi_sampler)

@@ -1,5 +1,8 @@
 """Richer teacher signals: the divergence over the teacher's top-k plus a tail bucket, and the loss
-that follows DESIGN.md's horizon rule for per-position divergences.
+that follows the horizon rule (docs/derivations.md, "Whole sequences: the horizon") for per-position
+divergences. Full-distribution per-token divergences on the student's own samples are the setting of
+GKD ("On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes", Agarwal et al.
+2023, arXiv 2306.13649).
 
 With a per-position divergence D_t = D_f(q(.|c_t) || pi(.|c_t)) computed over a vocabulary (exact)
 or over the teacher's top-k ids plus one bucket for the remaining mass (top-k), the objective

@@ -65,7 +65,10 @@ class ScoringEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        get_input_embeddings = getattr(model, "get_input_embeddings", None)
+        if get_input_embeddings is None:
+            raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); pass a Hugging Face causal LM")
+        self.vocab_size = int(get_input_embeddings().num_embeddings)
         self.decode = functools.lru_cache(maxsize=None)(self._decode)
 
     @torch.no_grad()
@@ -288,6 +291,7 @@ class DynamicBatcher:
             if error is not None:
                 job.future.set_exception(RuntimeError(f"scoring failed: {error}"))
             else:
+                assert results is not None, "_resolve needs results or an error"
                 job.future.set_result(results[i])
 
 

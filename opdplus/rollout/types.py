@@ -106,3 +106,11 @@ class Teacher(Protocol):
     """
 
     def score(self, batch: RolloutBatch) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TopKTeacher(Teacher, Protocol):
+    """A teacher that also gives its top-k at every column (the ``topk`` teacher signal):
+    ``score_topk(batch, k) -> (ids_B_T_K, logprobs_B_T_K)``, best first (``LocalTeacher``, ``HTTPTeacher``)."""
+
+    def score_topk(self, batch: RolloutBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...

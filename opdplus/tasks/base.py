@@ -20,6 +20,13 @@ class TaskItem:
     answer: Any = None  # what the scorer needs (reference answer, possible answers, ...)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. tool schemas for a chat template
 
+    @property
+    def prompt_text(self) -> str:
+        """The prompt of a plain-text item; raises ValueError for chat messages (use ``render_prompt``)."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"item {self.id!r} of task {self.task!r} has chat messages, not a plain-text prompt")
+        return self.prompt
+
 
 @runtime_checkable
 class Task(Protocol):

@@ -57,7 +57,7 @@ def _stream(split: str, seed: int, name: str, make: Callable[[random.Random], Ta
     rng = random.Random(f"{name}/{split}/{seed}")
     while True:
         item = make(rng)
-        if split_of(item.prompt) == split:
+        if split_of(item.prompt_text) == split:
             yield item
 
 
@@ -115,8 +115,8 @@ def make_math_problem(rng: random.Random) -> TaskItem:
 _FINAL_ANSWER = re.compile(r"####\s*(-?\d+(?:\.\d+)?)")
 
 
-def extract_final_answer(completion: str) -> float | None:
-    """The number after the first ``####``, or None when there is none."""
+def extract_final_answer(completion: object) -> float | None:
+    """The number after the first ``####``, or None when there is none (or ``completion`` is not a string)."""
     match = _FINAL_ANSWER.search(completion) if isinstance(completion, str) else None
     return float(match.group(1)) if match else None
 

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -167,12 +167,13 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
 
     for module in decoder_layers(model):
         fully_shard(module, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=False)  # FSDP2's own defaults, explicit so ``gathered`` can restore them
+    # FSDP2's own defaults, explicit so ``gathered`` can restore them
+    root = fully_shard(model, reshard_after_forward=False)
     # FSDP initialises lazily on the root's first forward; run one now, since generation calls the
     # layers directly (under ``gathered``) before any training forward.
     with torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, dtype=torch.bool, device=device))
-    model.reshard()
+    root.reshard()
     return model
 
 
@@ -181,7 +182,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from opdplus.models.forward import unwrap_model
 
     base = unwrap_model(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP; use parallel.mode=ddp")
@@ -205,7 +207,8 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded weights on CPU (a collective under FSDP: every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(local_module(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(local_module(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast(dict[str, torch.Tensor], state)  # a model's state dict holds only tensors
 
 
 def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -231,8 +234,9 @@ def total_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) ->
     """Clip gradients to ``max_norm`` (inf = no clipping) and return the global norm as a float
     (FSDP2 returns it as a DTensor, reduced over shards)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+    if full_tensor is not None:
+        norm = full_tensor()
     return float(norm)
 
 

@@ -19,7 +19,8 @@ from opdplus.train.distributed import torchrun_command
 from opdplus.train.metrics import read_metrics
 from opdplus.train.update import update_policy
 
-pytestmark = pytest.mark.distributed
+# torchrun calls carry their own 300 s timeout (which kills the process group); a test makes up to three
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 

@@ -87,6 +87,7 @@ def test_sampler_bench_prints_ratios_last_in_a_micro_configuration():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # run_script's own timeout is 600 s
 def test_flops_bench_reports_a_fraction_of_peak():
     result = run_script("flops", "--batch", "1", "--seq", "16", "--prompt", "4", "--rounds", "1", "--matmul", "256")
     assert 0 < result["fraction_of_peak"] <= result["fraction_of_peak_with_attention"]
@@ -94,6 +95,7 @@ def test_flops_bench_reports_a_fraction_of_peak():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # run_script's own timeout is 600 s
 def test_loop_vs_trl_bench_runs_both_trainers():
     pytest.importorskip("trl")
     result = run_script(

@@ -89,6 +89,7 @@ def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct, greedy)
     width = batch.input_ids_B_T.shape[1]
     expected = reference[:, :width].where(batch.attention_mask_B_T, tokenizer.pad_token_id)
     assert torch.equal(batch.input_ids_B_T, expected)
+    assert batch.truncated_B is not None
     assert torch.equal(batch.truncated_B, lengths == max_new)
 
 

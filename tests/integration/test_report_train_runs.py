@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -25,12 +26,7 @@ def test_report_of_two_training_runs(tiny_train_config, tmp_path, capsys):
     assert [p["step"] for p in run_a["curve"]] == [1, 2]
     assert load_run(runs / "b")["method"] == "opd_plus/alpha:0.5"
 
-    class Args:
-        run_dirs = [runs]
-        out = tmp_path / "out"
-        title = "two runs"
-
-    assert report_run(Args) == 0
+    assert report_run(argparse.Namespace(run_dirs=[runs], out=tmp_path / "out", title="two runs")) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| opd/reverse_kl | 1 |" in text and "| opd_plus/alpha:0.5 | 1 |" in text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -106,6 +106,7 @@ def test_conversion_is_cached(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 73 s on 2 busy cores
 def test_real_smollm2_conversion_matches_gguf_model(tmp_path, monkeypatch):
     pytest.importorskip("gguf", reason="GGUF conversion needs gguf: pip install gguf")
     import torch

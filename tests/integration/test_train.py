@@ -42,12 +42,14 @@ def test_three_steps_every_estimator_and_divergence(tmp_path, estimator, diverge
     cfg = tiny_train_config(tmp_path / "run", f"loss.divergence={divergence}", f"loss.estimator={estimator}", *extra)
     before = _initial_student_state(cfg)
     result = train(cfg)
+    checkpoint = result.checkpoint
+    assert checkpoint is not None
     rows = read_metrics(result.run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert math.isfinite(row["loss/policy"]) and math.isfinite(row[f"div/{divergence}"])
         assert math.isfinite(row["adv/mean"]) and row["loss/skipped_steps"] == 0
-    after = load_file(str(result.checkpoint / "model" / "model.safetensors"))
+    after = load_file(str(checkpoint / "model" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in after.values())
     assert _changed(before, after), "training did not change any parameter"
 
@@ -59,6 +61,8 @@ def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
         tmp_path / "run", "eval.at_end=true", "eval.every=2", "run.checkpoint_every=2", "run.keep_checkpoints=0"
     )
     result = train(cfg)
+    checkpoint = result.checkpoint
+    assert checkpoint is not None
     run_dir = result.run_dir
     assert load_config(run_dir / "config.yaml") == cfg
     rows = read_metrics(run_dir)
@@ -86,11 +90,11 @@ def test_artifacts_and_metric_keys(tmp_path, tiny_train_config):
     assert result.metrics["eval/reverse_kl"] == rows[-1]["eval/reverse_kl"]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_00000002", "step_00000003"]
-    verify_checkpoint(result.checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(result.checkpoint / "model")
-    tokenizer = AutoTokenizer.from_pretrained(result.checkpoint / "model")
+    verify_checkpoint(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "model")
     assert tokenizer.chat_template and model.config.vocab_size == len(tokenizer)
-    saved = load_file(str(result.checkpoint / "model" / "model.safetensors"))
+    saved = load_file(str(checkpoint / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
@@ -152,7 +156,9 @@ def test_lora_run_trains_only_the_adapter(tmp_path, tiny_train_config):
     plain_cfg = tiny_train_config(tmp_path / "unused")  # the same student without LoRA
     base_before = _initial_student_state(plain_cfg)
     result = train(cfg)
-    model_dir = result.checkpoint / "model"
+    checkpoint = result.checkpoint
+    assert checkpoint is not None
+    model_dir = checkpoint / "model"
     adapter = load_file(str(model_dir / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert not (model_dir / "model.safetensors").exists()
@@ -253,7 +259,9 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, tiny_train_config)
 def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path, tiny_train_config):
     cfg = tiny_train_config(tmp_path / "run", "run.steps=2", "run.checkpoint_every=1", "run.keep_checkpoints=0")
     result = train(cfg)
-    weights = result.checkpoint / "model" / "model.safetensors"
+    checkpoint = result.checkpoint
+    assert checkpoint is not None
+    weights = checkpoint / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -261,15 +269,15 @@ def test_corrupt_or_partial_checkpoint_is_named_and_never_loaded(tmp_path, tiny_
         CorruptCheckpointError, match=r"step_00000002 is corrupt: file model/model.safetensors does not match"
     ):
         train(cfg, resume=True)
-    (result.checkpoint / "manifest.json").unlink()
+    (checkpoint / "manifest.json").unlink()
     with pytest.raises(
         CorruptCheckpointError,
         match=r"step_00000002 is partial: it has no manifest.json.*previous one is .*step_00000001",
     ):
         train(cfg, resume=True)
-    (result.checkpoint.parent / "step_00000001" / "trainer_state.pt").write_bytes(b"truncated")
+    (checkpoint.parent / "step_00000001" / "trainer_state.pt").write_bytes(b"truncated")
     with pytest.raises(CorruptCheckpointError, match=r"step_00000001 is corrupt: file trainer_state.pt has 9 bytes"):
-        verify_checkpoint(result.checkpoint.parent / "step_00000001")
+        verify_checkpoint(checkpoint.parent / "step_00000001")
 
 
 def test_vocabulary_mismatch_is_caught_with_both_sizes(tmp_path, tiny_train_config):
@@ -375,7 +383,8 @@ def _mean(rows, key):
 
 def test_opd_plus_moves_the_student_toward_the_teacher_and_stop_gradient_forward_kl_drifts(tmp_path, tiny_train_config):
     """The loop distils: with OPD+ the student's reverse KL to the teacher falls over 60 small steps (for
-    reverse and forward KL), while stop-gradient forward KL drives it up (the collapse DESIGN.md predicts)."""
+    reverse and forward KL), while stop-gradient forward KL drives it up (the collapse that docs/derivations.md,
+    "The table", predicts)."""
     budget = [
         "run.steps=60",
         "optim.lr=0.01",

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +56,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"} for r in rows]
 
 
+@pytest.mark.timeout(900)  # waits on subprocesses with their own 300 s timeouts
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, tiny_run_overrides):
     config = _config(tmp_path, tiny_run_overrides)
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"

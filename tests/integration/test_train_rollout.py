@@ -1,5 +1,7 @@
 """Sampler, local teacher and the chunked forward on tiny random models."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -46,6 +48,7 @@ def test_rollout_batch_layout(student, tok):
     assert (batch.sampler_logprobs_B_T[batch.loss_mask_B_T] < 0).all()
     assert batch.tasks == ["t"] * 6 and [m["item_id"] for m in batch.meta] == ["a", "a", "b", "b", "c", "c"]
     eos = tok.eos_token_id
+    assert batch.truncated_B is not None
     for row, mask, truncated in zip(batch.input_ids_B_T, batch.loss_mask_B_T, batch.truncated_B):
         completion = row[mask]
         assert truncated == (eos not in completion.tolist())
@@ -166,7 +169,7 @@ def test_eval_hook_scores_greedy_or_sampled_completions(student, tok):
         expected = {p: _greedy_text(student, tok, p, 6) for p in ("hello", "abc", "count: 1")}
     task = _ExactTextTask(expected)
     teacher = LocalTeacher(build_tiny_model(len(tok), hidden_size=32, intermediate_size=64, seed=5))
-    kwargs = dict(num_prompts=6, max_new_tokens=6, seed=0)
+    kwargs: dict[str, Any] = {"num_prompts": 6, "max_new_tokens": 6, "seed": 0}
     greedy = evaluate(student, tok, teacher, {"exact_text": task}, score_decoding="greedy", **kwargs)
     sampled = evaluate(student, tok, teacher, {"exact_text": task}, **kwargs)
     assert greedy["eval/exact_text/score"] == 1.0 == greedy["eval/score"]

@@ -117,6 +117,7 @@ def test_served_teacher_trains_like_the_local_one(tiny_train_config, tmp_path, t
         assert http[key] == pytest.approx(local[key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.timeout(900)  # waits on subprocesses with their own 300 s timeouts
 def test_served_teacher_killed_mid_training_stops_cleanly_and_resumes(tmp_path, teacher_dir, tiny_run_overrides):
     server = ServerProcess(teacher_dir, tmp_path / "server.log")
     server.wait_healthy()
@@ -154,6 +155,7 @@ def test_served_teacher_killed_mid_training_stops_cleanly_and_resumes(tmp_path, 
     assert trainer.returncode == 3, stderr[-2000:]
     assert server.url in stderr and "--resume" in stderr
     checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None
     verify_checkpoint(checkpoint)  # intact
     restarted = ServerProcess(teacher_dir, tmp_path / "server2.log", port=server.port)
     restarted.wait_healthy()
@@ -171,4 +173,6 @@ def test_served_teacher_killed_mid_training_stops_cleanly_and_resumes(tmp_path, 
         restarted.stop()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["train"]["step"] == step + 1
-    assert torch.load(latest_checkpoint(run_dir) / "trainer_state.pt", weights_only=False)["step"] == step + 1
+    resumed_checkpoint = latest_checkpoint(run_dir)
+    assert resumed_checkpoint is not None
+    assert torch.load(resumed_checkpoint / "trainer_state.pt", weights_only=False)["step"] == step + 1

@@ -30,7 +30,7 @@ def tokenizer():
 def test_tokenizer_lossless_with_special_tokens(tokenizer):
     for name in MICRO.tasks:
         for item in get_task(name).items("eval", 20):
-            text = item.prompt + solution_of(item)
+            text = item.prompt_text + solution_of(item)
             ids = tokenizer(text)["input_ids"]
             assert ids[0] == tokenizer.bos_token_id
             assert tokenizer.decode(ids, skip_special_tokens=True) == text

@@ -21,8 +21,9 @@ def token_batch(seed=0, B=3, T=5, dtype=torch.float64):
     return student, teacher, mask
 
 
-def test_opd_plus_gamma0_matches_design_table():
-    """The OPD+ advantage column of DESIGN.md §1 (-f(u) + u f'(u)) for every built-in divergence."""
+def test_opd_plus_gamma0_matches_the_derivations_table():
+    """The OPD+ advantage column of docs/derivations.md, "The table" (-f(u) + u f'(u)), for every built-in
+    divergence."""
     student, teacher, mask = token_batch()
     l = teacher - student
     u = l.exp()

@@ -1,6 +1,7 @@
 """Config: presets, overrides, type checks, validation errors, YAML round trip."""
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 
@@ -147,12 +148,12 @@ def test_config_is_frozen_and_with_overrides_copies():
 
 
 def test_lr_schedules():
-    kw = dict(warmup_steps=2, total_steps=12, min_lr_ratio=0.1)
-    assert [lr_factor(s, schedule="constant", **kw) for s in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
-    assert lr_factor(2, schedule="linear", **kw) == pytest.approx(1.0)
-    assert lr_factor(12, schedule="linear", **kw) == pytest.approx(0.1)
-    assert lr_factor(7, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(12, schedule="cosine", **kw) == pytest.approx(0.1)
+    factor = functools.partial(lr_factor, warmup_steps=2, total_steps=12, min_lr_ratio=0.1)
+    assert [factor(s, schedule="constant") for s in (0, 1, 2, 11)] == [0.5, 1.0, 1.0, 1.0]
+    assert factor(2, schedule="linear") == pytest.approx(1.0)
+    assert factor(12, schedule="linear") == pytest.approx(0.1)
+    assert factor(7, schedule="cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(12, schedule="cosine") == pytest.approx(0.1)
 
 
 def test_optional_loggers_must_be_installed():

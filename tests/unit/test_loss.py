@@ -73,6 +73,7 @@ def test_masked_tokens_do_not_leak_into_value_or_gradient():
     loss = opdplus.policy_loss(student, sampler, adv, mask)
     loss.backward()
     assert loss.item() == -2.0
+    assert student.grad is not None
     assert torch.isfinite(student.grad).all() and (student.grad[0, 1:] == 0).all()
     empty = opdplus.policy_loss(student.detach(), sampler, adv, torch.zeros_like(mask))
     assert empty.item() == 0.0

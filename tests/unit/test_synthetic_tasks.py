@@ -43,8 +43,8 @@ def test_items_deterministic_per_seed(name):
 @pytest.mark.parametrize("name", TASKS)
 def test_splits_disjoint(name):
     task = get_task(name)
-    train = {i.prompt for i in task.items("train", 2000)}
-    held_out = {i.prompt for i in task.items("eval", 300)}
+    train = {i.prompt_text for i in task.items("train", 2000)}
+    held_out = {i.prompt_text for i in task.items("eval", 300)}
     assert not train & held_out
     assert all(split_of(p) == "eval" for p in held_out)
     assert len(held_out) > 100  # the eval split is not a handful of repeats
@@ -71,7 +71,7 @@ def test_math_problem_shape():
             assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
             assert 0 <= int(c) <= MAX_VALUE
         assert int(steps[-1][3]) == item.answer
-        assert item.prompt.startswith("Q: ") and item.prompt.endswith("\nA:")
+        assert item.prompt_text.startswith("Q: ") and item.prompt_text.endswith("\nA:")
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_tool_problem_shape():
         assert 2 <= len(offered) <= 4 and len(set(offered)) == len(offered)
         assert item.answer["name"] in offered
         assert any(not p["required"] for tool in item.meta["tools"] for p in tool["params"])
-        assert item.prompt.endswith("\nCall:")
+        assert item.prompt_text.endswith("\nCall:")
 
 
 def test_task_score_never_raises_on_garbage():
