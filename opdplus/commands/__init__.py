@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 
 # verb -> one-line help. A verb's module is imported only when it runs (fast start; one broken command
@@ -21,6 +22,12 @@ COMMANDS: dict[str, str] = {
     "report": "aggregate run directories into a markdown table (mean ± std) and learning curves",
     "bench": "run the benchmarks in bench/ (sampler, kernels, update FLOP/s, loop vs TRL); last line: merged JSON",
 }
+
+
+def line_buffered_stdout() -> None:
+    """Progress lines show up at once, also through a pipe."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def module_name(verb: str) -> str:

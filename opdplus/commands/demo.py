@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from opdplus.commands import line_buffered_stdout
 from opdplus.world.demo import run_demo
 
 
@@ -29,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
+    line_buffered_stdout()
     summary = run_demo(
         args.out,
         steps=args.steps,

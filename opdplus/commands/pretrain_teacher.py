@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from opdplus.commands import line_buffered_stdout
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
+    line_buffered_stdout()
     from opdplus.world.build import ensure_world, load_world_info, world_paths, world_ready
 
     cached = world_ready(world_paths(args.out)) and not args.force

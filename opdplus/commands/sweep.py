@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from opdplus.commands import line_buffered_stdout
 from opdplus.sweep import run_sweep
 
 
@@ -21,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once, also through a pipe
+    line_buffered_stdout()
     summary = run_sweep(args.config, out=args.out, workers=args.workers, report=not args.no_report)
     print(json.dumps({"sweep": summary}))
     return 0

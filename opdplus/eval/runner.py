@@ -63,7 +63,10 @@ def load_eval_items(eval_task: str, tokenizer: Any, limit: int | None = None) ->
     """(task, items): the first ``limit`` items of the eval task's fixed evaluation set."""
     name, options = task_options(eval_task, tokenizer)
     task = get_task(name, **options)
-    total = MATH_HELDOUT_SIZE if name == "math" else task.size()
+    size = getattr(task, "size", None)
+    if name != "math" and size is None:
+        raise ValueError(f"eval task {eval_task!r}: task {name!r} has no fixed evaluation set (no size())")
+    total = MATH_HELDOUT_SIZE if name == "math" or size is None else size()
     n = total if limit is None else min(limit, total)
     return task, task.items("eval", n, seed=0)
 
@@ -152,7 +155,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     samples_out: TextIO | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     task_and_items: tuple[Any, list[TaskItem]] | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` on ``eval_task``; one sample record per item (written to ``samples_out``).

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
+from opdplus.models.tiny import build_char_tokenizer, build_tiny_model, special_token_ids
 
 TINY = "tiny"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,20 +77,16 @@ def load_model_and_tokenizer(
     hf_logging.disable_progress_bar()
     if model == TINY:
         tok = load_tokenizer(tokenizer) if tokenizer else build_char_tokenizer()
-        lm = build_tiny_model(
-            len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            **(tiny or {}),
-        )
+        pad, bos, eos = special_token_ids(tok)
+        lm = build_tiny_model(len(tok), pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, **(tiny or {}))
     else:
         from opdplus.models.sources import resolve_model  # local HF dir, or a gguf:<package>/<file> spec
 
         path = Path(resolve_model(model))
         tok = load_tokenizer(tokenizer or str(path))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), local_files_only=True)
-    return lm.to(device=device, dtype=torch_dtype(dtype)), tok
+    # transformers declares PreTrainedModel.to as functools.wraps(nn.Module.to), which hides the bound self
+    return lm.to(device=device, dtype=torch_dtype(dtype)), tok  # pyright: ignore[reportCallIssue]
 
 
 def apply_lora(
@@ -102,7 +98,11 @@ def apply_lora(
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("LoRA needs peft: pip install 'opdplus[lora]'") from err
     config = LoraConfig(
-        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,  # pyright: ignore[reportArgumentType]  (peft annotates an int; it is used as a float)
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
     )
     return get_peft_model(model, config)
 
@@ -121,10 +121,12 @@ def load_lora_weights(model: torch.nn.Module, adapter_dir: str | Path) -> None:
 
 def model_vocab_size(model: torch.nn.Module) -> int:
     """Rows of the model's output (LM head) matrix."""
-    head = model.get_output_embeddings()
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+    get_head = getattr(model, "get_output_embeddings", None)
+    weight = getattr(get_head(), "weight", None) if get_head is not None else None
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    config: Any = getattr(model, "config", None)  # a transformers PreTrainedConfig
+    return int(config.vocab_size)
 
 
 def check_same_vocabulary(

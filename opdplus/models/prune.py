@@ -48,7 +48,8 @@ def prune_layers(model: Any, keep_idx: list[int]) -> Any:
     for new_idx, layer in enumerate(model.model.layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
+                # torch types module attributes as Tensor | Module; layer_idx is a plain int of HF's attention
+                module.layer_idx = new_idx  # pyright: ignore[reportArgumentType]
     config = model.config
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:

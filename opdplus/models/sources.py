@@ -152,7 +152,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are plain float now
+        delattr(config, "quantization_config")  # the weights are plain float now
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     if model.generation_config is not None and quantized.generation_config is not None:

@@ -1,4 +1,7 @@
-"""Per-token advantages for sampled-token on-policy distillation (DESIGN.md §1, "Horizon").
+"""Per-token advantages for sampled-token on-policy distillation: the OPD+ estimator of "OPD+: Rethinking the
+Advantage Design for On-Policy Distillation" (Zhao et al. 2026, arXiv 2606.01039) and the stop-gradient OPD it
+corrects; derivation in docs/derivations.md ("The gradient, one position at a time", "Whole sequences: the
+horizon").
 
 With l_t = log q(y_t|c_t) - log pi(y_t|c_t), u_t = exp(l_t) and the return-to-go
 R_t = sum_{t' >= t} gamma^(t'-t) f(u_t') over the student's own tokens:

@@ -26,6 +26,8 @@ decoding gives the same tokens as HF ``generate``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +92,11 @@ class PreallocatedLayer(DynamicLayer):
 
 def new_kv_cache(model: torch.nn.Module, capacity: int) -> Cache:
     """A preallocated cache when every layer is full attention; else HF's ``DynamicCache`` for the model's config."""
-    config = model.config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(config)
+    model_config: Any = model.config  # a transformers PreTrainedConfig
+    layer_types, _ = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
     if all(kind == "full_attention" for kind in layer_types):
         return Cache(layers=[PreallocatedLayer(capacity) for _ in layer_types])
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=model_config)
 
 
 # Decoders whose layers are exactly: RMSNorm -> attention (q/k/v/o projections, optional q/k norm, RoPE)
@@ -110,7 +112,12 @@ class DirectDecoder:
     def __init__(self, model: torch.nn.Module) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        self.decoder, self.head, _ = decoder_and_head(model)
+        parts = decoder_and_head(model)
+        if parts is None:
+            raise ValueError(f"{type(model).__name__}: logits are not plain lm_head(decoder(x)); use the HF step")
+        # the decoder's submodules (embed_tokens, rotary_emb, layers, norm) are reached by name
+        self.decoder: Any = parts[0]
+        self.head = parts[1]
         self.apply_rotary = apply_rotary_pos_emb
 
     @staticmethod
@@ -129,7 +136,8 @@ class DirectDecoder:
         hidden_b_1_H = self.decoder.embed_tokens(token_b[:, None])
         cos, sin = self.decoder.rotary_emb(hidden_b_1_H, position_ids=position_b[:, None])
         mask_b_1_1_S = key_valid_b_S[:, None, None, :]
-        for layer, layer_cache in zip(self.decoder.layers, cache.layers):
+        layer_caches = cast(list[PreallocatedLayer], cache.layers)  # supports() checked every layer
+        for layer, layer_cache in zip(self.decoder.layers, layer_caches):
             hidden_b_1_H = hidden_b_1_H + self._attention(
                 layer.self_attn, layer.input_layernorm(hidden_b_1_H), cos, sin, mask_b_1_1_S, layer_cache
             )
@@ -186,7 +194,8 @@ class FastSampler(Sampler):
         super().__init__(model, tokenizer, settings, generator)
         self.compile = compile
         self._cache_kwarg = cache_keyword(model)
-        self._steps: dict[bool, object] = {}  # direct? -> decode-step function (compiled once when asked)
+        # direct? -> decode-step function (compiled once when asked)
+        self._steps: dict[bool, Callable[..., torch.Tensor]] = {}
 
     def decode(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one left-padded block: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU; after a row's EOS

@@ -227,14 +227,14 @@ def _get_prompts(
         )
     if isinstance(prompt[0], str):
         prompt = [_tokenized(i, text, limits, tokenize) for i, text in enumerate(prompt)]
-    prompts = [prompt] if _is_int(prompt[0]) else prompt
+    prompts: list[Any] = [prompt] if _is_int(prompt[0]) else prompt
     if len(prompts) > limits.max_prompts_per_request:
         raise RequestError(
             400, f"{len(prompts)} prompts in one request; the limit is {limits.max_prompts_per_request}", param="prompt"
         )
     for i, ids in enumerate(prompts):
         _check_token_ids(i, ids, limits, vocab_size)
-    return prompts
+    return prompts  # checked: lists of ints
 
 
 def _tokenized(i: int, text: Any, limits: ServerLimits, tokenize: Callable[[str], list[int]] | None) -> Any:

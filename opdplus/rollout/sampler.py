@@ -78,7 +78,7 @@ class _SampleAndRecord(LogitsProcessor):
         self.tokens: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         token_B, logprob_B = draw_tokens(scores, self.settings, self.generator)
         self.tokens.append(token_B)
         self.logprobs.append(logprob_B)

@@ -77,11 +77,11 @@ class ScoringEngine:
     ) -> list[PromptScores]:
         """One right-padded forward over ``prompts``; returns their scores in order. A prompt with a
         ``Sampling`` also gets one generated token (its score follows the prompt's)."""
-        samplings = samplings or [None] * len(prompts)
+        rows: list[Sampling | None] = list(samplings) if samplings is not None else [None] * len(prompts)
         ids_B_T, mask_B_T = self._pad(prompts)
         logits_B_T_V = self.model(input_ids=ids_B_T, attention_mask=mask_B_T.long(), use_cache=False).logits
         out = []
-        for b, (p, sampling) in enumerate(zip(prompts, samplings)):
+        for b, (p, sampling) in enumerate(zip(prompts, rows)):
             positions = len(p) if sampling is not None else len(p) - 1
             targets_T = ids_B_T[b, 1 : len(p)]
             if sampling is not None:

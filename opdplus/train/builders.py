@@ -24,7 +24,10 @@ def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Modu
         s.model, tokenizer=s.tokenizer, dtype=s.dtype, device=device, tiny=dataclasses.asdict(s.tiny)
     )
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ConfigError(f"student.gradient_checkpointing: {type(model).__name__} does not support it")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if s.lora.enabled:
         model = apply_lora(
             model, r=s.lora.r, alpha=s.lora.alpha, dropout=s.lora.dropout, target_modules=s.lora.target_modules

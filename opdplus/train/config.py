@@ -278,7 +278,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         _one_of(value, typing.get_args(tp), key)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(
                 f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}"
@@ -621,8 +621,9 @@ def _validate_teachers(cfg: TrainConfig) -> None:
     _check(all(tags), "every entry of teachers needs a task tag: teachers: [{task: math, teacher: {...}}, ...]")
     _check(len(set(tags)) == len(tags), f"teachers: task tags must be distinct, got {tags}")
     _check(
-        not (cfg.teachers and cfg.loss.teacher_signal == "exact"),
-        "loss.teacher_signal=exact works with one local teacher, not with a teachers: list",
+        not (cfg.teachers and cfg.loss.teacher_signal in ("exact", "topk")),
+        f"loss.teacher_signal={cfg.loss.teacher_signal} works with one teacher, not with a teachers: list "
+        "(routed teachers give sampled-token scores only)",
     )
 
 

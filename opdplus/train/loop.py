@@ -20,7 +20,7 @@ import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
 from opdplus.ops.advantages import advantages as compute_advantages
-from opdplus.rollout.types import Teacher
+from opdplus.rollout.types import Teacher, TopKTeacher
 from opdplus.tasks.base import Task
 from opdplus.train.builders import (
     build_divergence,
@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 with timed("score", seconds, device):
                     batch.teacher_logprobs_B_T = teacher.score(batch)
                     if cfg.loss.teacher_signal == "topk":
+                        assert isinstance(teacher, TopKTeacher)  # checked by the builder
                         batch.teacher_topk_ids_B_T_K, batch.teacher_topk_logprobs_B_T_K = teacher.score_topk(
                             batch, cfg.loss.topk
                         )

@@ -94,7 +94,7 @@ def divergence_metrics(
 def per_task_reverse_kl(student_lp_B_T: torch.Tensor, batch: RolloutBatch) -> dict[str, float]:
     """``div/<task>/reverse_kl`` per task tag (so each routed teacher has its own), when there are several."""
     tags = sorted(set(batch.tasks))
-    if len(tags) < 2:
+    if len(tags) < 2 or batch.teacher_logprobs_B_T is None:
         return {}
     out = {}
     for tag in tags:
@@ -229,7 +229,7 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.wandb = None
         if wandb:
-            import wandb as wandb_module
+            import wandb as wandb_module  # pyright: ignore[reportMissingImports]  (optional, not installed)
 
             self.wandb = wandb_module.init(
                 project=wandb_project, dir=str(run_dir), config=config, name=Path(run_dir).name, resume="allow"

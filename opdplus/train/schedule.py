@@ -31,7 +31,7 @@ def build_optimizer(
     # fused: one kernel over all parameters (3-11x faster steps on CPU, bench/flops.py); not for FSDP's DTensors
     fused = not dist_utils.is_fsdp(model) and all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(
-        params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+        params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.weight_decay, fused=fused
     )
     total = cfg.run.steps * cfg.update.ppo_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(

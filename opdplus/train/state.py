@@ -31,7 +31,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
     return {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
@@ -59,7 +60,8 @@ def save_student(
 ) -> None:
     """HF ``save_pretrained`` layout with safetensors (for LoRA: the peft adapter) plus the tokenizer.
     ``state_dict`` gives the weights when they are sharded over processes (FSDP)."""
-    model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
+    pretrained: Any = model  # a transformers or peft model
+    pretrained.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(directory)
 
 

@@ -138,11 +138,14 @@ class PerPositionLoss:
                 chunk_size=chunk_size,
             )
         else:
+            ids_B_T_K, logprobs_B_T_K = mb.teacher_topk_ids_B_T_K, mb.teacher_topk_logprobs_B_T_K
+            if ids_B_T_K is None or logprobs_B_T_K is None:
+                raise ValueError("teacher_signal topk: the batch has no teacher top-k (score it with score_topk)")
             divergence_B_C = chunked_topk_divergence(
                 hidden_B_C_H,
                 student_head,
-                mb.teacher_topk_ids_B_T_K[:, start:],
-                mb.teacher_topk_logprobs_B_T_K[:, start:],
+                ids_B_T_K[:, start:],
+                logprobs_B_T_K[:, start:],
                 self.divergence,
                 chunk_size=chunk_size,
             )

@@ -153,7 +153,7 @@ def world_texts(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> list[
     """prompt + solution of ``n_per_task`` train items of every task."""
     texts = []
     for name in tasks:
-        texts += [item.prompt + solution_of(item) for item in get_task(name).items("train", n_per_task, seed)]
+        texts += [item.prompt_text + solution_of(item) for item in get_task(name).items("train", n_per_task, seed)]
     return texts
 
 

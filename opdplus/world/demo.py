@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 DEMO_PRESET = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def demo_train_config(steps: int | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+def demo_train_config(steps: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """``configs/demo.yaml`` with ``steps`` (default: its run.steps) and ``key=value`` overrides (as for
     `opdplus train`)."""
     import yaml
@@ -85,7 +86,7 @@ def run_demo(
     steps: int | None,
     eval_items: int,
     workers: int,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     world_root: Path | None = None,
 ) -> dict[str, Any]:
     """The whole demo; returns the summary printed as the last line."""

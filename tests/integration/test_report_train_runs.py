@@ -50,12 +50,7 @@ def test_report_names_the_file_and_line_of_a_corrupt_or_empty_metrics_file(tmp_p
     with pytest.raises(ValueError, match=message):
         load_run(run)
 
-    class Args:
-        run_dirs = [run]
-        out = tmp_path / "out"
-        title = "corrupt"
-
-    assert report_run(Args) == 2
+    assert report_run(argparse.Namespace(run_dirs=[run], out=tmp_path / "out", title="corrupt")) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.md").exists()
 

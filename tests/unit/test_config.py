@@ -182,8 +182,7 @@ def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
 
 
 def test_help_config_prints_every_key_with_type_default_and_help(capsys):
-    from opdplus.cli import main
-
+    from opdplus.commands import main
     from opdplus.ops.divergences import register_divergence, unregister_divergence
 
     register_divergence("my_sq", lambda u: (u - 1) ** 2)
@@ -262,7 +261,7 @@ def test_resume_translates_a_stored_config_with_old_keys(tmp_path, capsys):
     """A run directory written before the renames resumes: its config.yaml goes through the same map."""
     import argparse
 
-    from opdplus.train import cli
+    from opdplus.commands import train as cli
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
