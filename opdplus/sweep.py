@@ -1,5 +1,5 @@
-"""Grids of distillation runs on the demo world (`opdplus sweep --config FILE`), and the per-run
-evaluation the demo and the report read.
+"""Grids of distillation runs (`opdplus sweep --config FILE`): estimators x divergences x seeds over one
+training config, run a few at a time, each evaluated when it ends.
 
 A sweep file is YAML::
 
@@ -14,9 +14,12 @@ A sweep file is YAML::
                                     # relative to this file (configs/sweep.yaml: demo.yaml); the grid sets
                                     # loss.estimator, loss.divergence (and loss.alpha), run.seed, run.dir
 
-``student.model`` / ``teacher.model`` may say ``world:student`` / ``world:teacher``: the cached demo
-world's models (built first when missing). Each run writes ``result.json`` next to its
-``metrics.jsonl``: greedy accuracy per task and the exact held-out reverse KL to the teacher.
+Each run writes ``result.json`` next to its ``metrics.jsonl``: its settings, times and the evaluation of its
+final student. The evaluation is a function ``evaluate(spec, cfg, checkpoint) -> dict`` given to the runner
+(a module-level function, so that worker processes can receive it); without one, a run is evaluated by its own
+held-out evaluation (the ``eval/`` metrics of its last step, ``eval.at_end``). The demo world
+(``opdplus.world``) gives its own: greedy accuracy per task and the exact held-out reverse KL to the teacher,
+for configs whose models say ``world:student`` / ``world:teacher``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from typing import Any
 import torch
 
 RESULT_FILE = "result.json"
-WORLD_PREFIX = "world:"
 GRID_KEYS = ("estimator", "divergence", "seed")
 
 
@@ -61,21 +63,6 @@ def parse_divergence(text: str) -> dict[str, Any]:
     """``"alpha:0.5"`` -> ``{"divergence": "alpha", "alpha": 0.5}``; ``"jsd"`` -> ``{"divergence": "jsd"}``."""
     name, _, param = str(text).partition(":")
     return {"divergence": name, "alpha": float(param)} if param else {"divergence": name}
-
-
-def resolve_world_models(train: dict[str, Any], world_root: Path | None = None) -> dict[str, Any]:
-    """Replace ``world:teacher`` / ``world:student`` model names by the cached world's directories."""
-    train = copy.deepcopy(train)
-    roles = [
-        role for role in ("student", "teacher") if str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX)
-    ]
-    if roles:
-        from opdplus.world.build import ensure_world
-
-        paths = ensure_world(world_root)
-        for role in roles:
-            train[role]["model"] = str(getattr(paths, train[role]["model"][len(WORLD_PREFIX) :]))
-    return train
 
 
 def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_items: int) -> list[RunSpec]:
@@ -109,72 +96,20 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation of a trained student
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def exact_reverse_kl(student, teacher, batch) -> float:
-    """Held-out KL(pi || q) per completion token, exact over the vocabulary at every position of the
-    student's own samples (``opdplus.ops.exact_divergence``, float64): the mean over loss tokens of
-    sum_v pi(v|c) (log pi(v|c) - log q(v|c))."""
-    from opdplus.ops.exact import exact_divergence
-
-    mask_B_T = batch.loss_mask_B_T[:, 1:]
-    kwargs = {
-        "input_ids": batch.input_ids_B_T,
-        "attention_mask": batch.attention_mask_B_T.long(),
-        "position_ids": batch.position_ids_B_T,
-    }
-    student_logits_B_T_V = student(**kwargs).logits[:, :-1].double()
-    teacher_logits_B_T_V = teacher(**kwargs).logits[:, :-1].double()
-    kl_B_T = exact_divergence(student_logits_B_T_V, teacher_logits_B_T_V, "reverse_kl")
-    kl_B_T = torch.where(mask_B_T, kl_B_T, torch.zeros_like(kl_B_T))
-    return float(kl_B_T.sum() / mask_B_T.sum().clamp(min=1))
-
-
-def evaluate_student(
-    student,
-    teacher,
-    tokenizer,
-    *,
-    items: int,
-    seed: int = 0,
-    max_new_tokens: int = 48,
-    tasks: tuple[str, ...] | None = None,
-) -> dict[str, float]:
-    """``math_acc`` / ``tool_acc`` (greedy, ``items`` held-out items per task) and ``reverse_kl`` (exact,
-    per token, on one temperature-1 sample of the student per held-out item)."""
-    from opdplus.eval.runner import greedy_accuracy, held_out_items
-    from opdplus.rollout.sampler import Sampler, SamplingSettings
-    from opdplus.tasks.base import get_task
-    from opdplus.world.build import WORLD_TASKS
-
-    by_name = {name: get_task(name) for name in tasks or WORLD_TASKS}
-    items_by_task = held_out_items(by_name, items, seed)
-    accuracy = greedy_accuracy(student, tokenizer, by_name, items_by_task, max_new_tokens=max_new_tokens)
-    held_out = [item for task_items in items_by_task.values() for item in task_items]
-    generator = torch.Generator().manual_seed(seed)
-    sampler = Sampler(student, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=256), generator)
-    kls, weights = [], []
-    for start in range(0, len(held_out), 256):
-        batch = sampler.sample(held_out[start : start + 256])
-        kls.append(exact_reverse_kl(student, teacher, batch))
-        weights.append(float(batch.loss_mask_B_T.sum()))
-    short = {"synthetic_math": "math_acc", "synthetic_tool_use": "tool_acc"}
-    result = {short.get(name, f"{name}_acc"): round(acc, 4) for name, acc in accuracy.items()}
-    result["reverse_kl"] = round(sum(k * w for k, w in zip(kls, weights)) / max(sum(weights), 1.0), 5)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
 
 
-def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
+Evaluate = Callable[[RunSpec, Any, Path], dict[str, Any]]  # (spec, TrainConfig, checkpoint dir) -> metrics
+
+
+def final_eval_metrics(result: Any) -> dict[str, Any]:
+    """A run's own held-out evaluation: the ``eval/`` metrics of its last step."""
+    return {key: value for key, value in result.metrics.items() if key.startswith("eval/")}
+
+
+def run_one(spec: RunSpec, threads: int = 1, evaluate: Evaluate | None = None) -> dict[str, Any]:
     """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
-    from opdplus.models.load import load_model_and_tokenizer
     from opdplus.train.config import config_from_dict
     from opdplus.train.loop import train
 
@@ -183,20 +118,12 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.process_time()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - started
-    if result.checkpoint is None:
+    if evaluate is None:
+        metrics = final_eval_metrics(result)
+    elif result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: the run saved no checkpoint to evaluate")
-    student, tokenizer = load_model_and_tokenizer(str(result.checkpoint / "model"))
-    teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    metrics = evaluate_student(
-        student,
-        teacher,
-        tokenizer,
-        items=spec.eval_items,
-        seed=spec.eval_seed,
-        max_new_tokens=max_new,
-        tasks=tuple(cfg.data.tasks),
-    )
+    else:
+        metrics = evaluate(spec, cfg, result.checkpoint)
     record = {
         "name": spec.name,
         "method": spec.method,
@@ -208,6 +135,7 @@ def run_one(spec: RunSpec, threads: int = 1) -> dict[str, Any]:
         "train_s": round(train_seconds, 1),
         "cpu_s": round(time.process_time() - cpu_started, 1),
         "eval_items": spec.eval_items,
+        "evaluation": sorted(metrics),
         **metrics,
     }
     Path(spec.run_dir, RESULT_FILE).write_text(json.dumps(record, indent=2))
@@ -229,21 +157,26 @@ def _print(text: str) -> None:
 
 
 def run_grid(
-    runs: list[RunSpec], workers: int = 2, log: Callable[[str], None] = _print, poll_seconds: float = 10.0
+    runs: list[RunSpec],
+    workers: int = 2,
+    log: Callable[[str], None] = _print,
+    poll_seconds: float = 10.0,
+    evaluate: Evaluate | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``runs`` on ``workers`` processes (one torch thread each); results in ``runs`` order.
-    Prints one line per finished run and, every ``poll_seconds``, the steps of the running ones."""
+    """Run ``runs`` on ``workers`` processes (one torch thread each), each evaluated with ``evaluate``; results
+    in ``runs`` order. Prints one line per finished run and, every ``poll_seconds``, the steps of the running
+    ones."""
     results: dict[str, dict] = {}
     started = time.perf_counter()
     total_steps = {spec.name: int(spec.train.get("run", {}).get("steps", 0)) for spec in runs}
     if workers <= 1:
         for i, spec in enumerate(runs, 1):
             log(f"[{i}/{len(runs)}] {spec.name} ...")
-            results[spec.name] = run_one(spec)
+            results[spec.name] = run_one(spec, evaluate=evaluate)
             log(_done_line(results[spec.name], i, len(runs), started))
         return [results[spec.name] for spec in runs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(run_one, spec): spec for spec in runs}
+        pending = {pool.submit(run_one, spec, 1, evaluate): spec for spec in runs}
         while pending:
             done, _ = wait(pending, timeout=poll_seconds, return_when=FIRST_COMPLETED)
             for future in done:
@@ -260,9 +193,10 @@ def run_grid(
 
 
 def _done_line(record: dict, done: int, total: int, started: float) -> str:
+    shown = "  ".join(f"{key} {record[key]:.4g}" for key in record["evaluation"] if isinstance(record[key], float))
     return (
-        f"[{done}/{total}] {record['name']}: math {record['math_acc']:.3f}  tool {record['tool_acc']:.3f}  "
-        f"reverse KL {record['reverse_kl']:.4f}  ({record['wall_s']:.0f}s; {time.perf_counter() - started:.0f}s total)"
+        f"[{done}/{total}] {record['name']}: {shown}  "
+        f"({record['wall_s']:.0f}s; {time.perf_counter() - started:.0f}s total)"
     )
 
 
@@ -281,23 +215,28 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
 
 
 def run_sweep(
-    config: str | Path, *, out: str | Path | None = None, workers: int | None = None, report: bool = True
+    data: dict[str, Any],
+    *,
+    source: str | Path,
+    out: str | Path | None = None,
+    workers: int | None = None,
+    report: bool = True,
+    evaluate: Evaluate | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep file ``config`` (see the module docstring): its grid into ``out`` (default: the file's
-    ``out``), ``workers`` runs at a time (default: the file's ``workers``, else 2), then ``report.md``."""
+    """Run a sweep (``data`` as ``load_sweep_file`` returns it, read from ``source``): its grid into ``out``
+    (default: the file's ``out``), ``workers`` runs at a time (default: the file's ``workers``, else 2), each
+    evaluated with ``evaluate``; then ``report.md``."""
     from opdplus.report import write_report
 
-    data = load_sweep_file(config)
     out = Path(out or data.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
-    train = resolve_world_models(data["train"])
-    runs = expand_grid(train, data["grid"], out, int(data.get("eval_items", 200)))
-    (out / "sweep.json").write_text(json.dumps({"config": str(config), "runs": [asdict(r) for r in runs]}, indent=2))
+    runs = expand_grid(data["train"], data["grid"], out, int(data.get("eval_items", 200)))
+    (out / "sweep.json").write_text(json.dumps({"config": str(source), "runs": [asdict(r) for r in runs]}, indent=2))
     print(f"sweep: {len(runs)} runs into {out}")
-    results = run_grid(runs, workers=workers or int(data.get("workers", 2)))
+    results = run_grid(runs, workers=workers or int(data.get("workers", 2)), evaluate=evaluate)
     if report:
         path = write_report(
-            [Path(r.run_dir) for r in runs], out, title=f"Sweep {config}", command=f"opdplus sweep --config {config}"
+            [Path(r.run_dir) for r in runs], out, title=f"Sweep {source}", command=f"opdplus sweep --config {source}"
         )
         print(f"report: {path}")
     return {"out": str(out), "runs": len(results)}

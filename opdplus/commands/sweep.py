@@ -6,7 +6,9 @@ import argparse
 import json
 
 from opdplus.commands import line_buffered_stdout
-from opdplus.sweep import run_sweep
+from opdplus.sweep import load_sweep_file, run_sweep
+from opdplus.world.build import resolve_world_models, uses_world_models
+from opdplus.world.evaluate import evaluate_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     line_buffered_stdout()
-    summary = run_sweep(args.config, out=args.out, workers=args.workers, report=not args.no_report)
+    data = load_sweep_file(args.config)
+    evaluate = None  # each run's own held-out evaluation (eval/ metrics)
+    if uses_world_models(data["train"]):  # the demo world: built when missing, evaluated its own way
+        data["train"], evaluate = resolve_world_models(data["train"]), evaluate_run
+    summary = run_sweep(
+        data, source=args.config, out=args.out, workers=args.workers, report=not args.no_report, evaluate=evaluate
+    )
     print(json.dumps({"sweep": summary}))
     return 0

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -422,3 +423,24 @@ def ensure_world(
 
 def load_world_info(paths: WorldPaths) -> dict:
     return json.loads(paths.info.read_text())
+
+
+WORLD_PREFIX = "world:"  # `student.model: world:student` names the cached world's models
+
+
+def uses_world_models(train: dict[str, Any]) -> bool:
+    """Whether a train config dict names a ``world:`` model."""
+    return any(str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX) for role in ("student", "teacher"))
+
+
+def resolve_world_models(train: dict[str, Any], world_root: Path | None = None) -> dict[str, Any]:
+    """Replace ``world:teacher`` / ``world:student`` model names by the cached world's directories."""
+    train = copy.deepcopy(train)
+    roles = [
+        role for role in ("student", "teacher") if str(train.get(role, {}).get("model", "")).startswith(WORLD_PREFIX)
+    ]
+    if roles:
+        paths = ensure_world(world_root)
+        for role in roles:
+            train[role]["model"] = str(getattr(paths, train[role]["model"][len(WORLD_PREFIX) :]))
+    return train

@@ -94,8 +94,9 @@ def run_demo(
 
     from opdplus.models.load import load_model_and_tokenizer
     from opdplus.report import write_report
-    from opdplus.sweep import evaluate_student, expand_grid, resolve_world_models, run_grid
-    from opdplus.world.build import ensure_world, load_world_info
+    from opdplus.sweep import expand_grid, run_grid
+    from opdplus.world.build import ensure_world, load_world_info, resolve_world_models
+    from opdplus.world.evaluate import evaluate_run, evaluate_student
 
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -121,7 +122,7 @@ def run_demo(
         train, {"estimator": list(ESTIMATORS), "divergence": list(DIVERGENCES), "seed": [0]}, out, eval_items
     )
     print(f"distilling: {len(runs)} runs x {steps} steps, {workers} at a time")
-    results = run_grid(runs, workers=workers)
+    results = run_grid(runs, workers=workers, evaluate=evaluate_run)
     print()
     print_table(rows, results)
     report = write_report(

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from opdplus.report import aggregate, find_runs, markdown_table, mean_std
-from opdplus.sweep import expand_grid, parse_divergence, resolve_world_models
-from opdplus.world.build import SMOKE_SPEC, ensure_world
+from opdplus.sweep import expand_grid, parse_divergence
+from opdplus.world.build import SMOKE_SPEC, ensure_world, resolve_world_models
 
 TINY_OVERRIDES = [
     "eval.every=1",
@@ -143,8 +143,8 @@ def test_sweep_preset_trains_with_the_demo_preset_and_validates():
 def test_exact_reverse_kl_zero_for_same_model_positive_otherwise(world):
     from opdplus.models.load import load_model_and_tokenizer
     from opdplus.rollout.sampler import Sampler, SamplingSettings
-    from opdplus.sweep import exact_reverse_kl
     from opdplus.tasks import get_task
+    from opdplus.world.evaluate import exact_reverse_kl
 
     student, tok = load_model_and_tokenizer(str(world.student))
     teacher, _ = load_model_and_tokenizer(str(world.teacher))
