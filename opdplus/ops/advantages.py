@@ -84,6 +84,8 @@ def log_ratio_clip_fraction(
     """Fraction of loss tokens whose |log q - log pi| exceeds ``clip`` (0 when clip is None)."""
     if clip is None:
         return torch.zeros((), dtype=torch.float32, device=loss_mask.device)
+    if not clip > 0:  # also rejects NaN, as the advantages do
+        raise ValueError(f"log_ratio_clip must be > 0, got {clip}")
     log_ratio = masked_log_ratio(student_logprobs, teacher_logprobs, loss_mask)
     clipped = (log_ratio.abs() > clip) & loss_mask
     return clipped.sum().float() / loss_mask.sum().clamp(min=1).float()

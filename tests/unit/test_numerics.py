@@ -295,3 +295,12 @@ def test_custom_divergence_growing_too_fast_asks_for_growth():
     with pytest.raises(ValueError, match="growth"):
         register_divergence("too_fast", lambda u: torch.exp(u) - math.e)
     assert "too_fast" not in opdplus.divergence_names()
+
+
+@pytest.mark.parametrize("clip", [math.nan, 0.0, -1.0])
+def test_log_ratio_clip_fraction_rejects_a_clip_that_is_not_positive(clip):
+    from opdplus.ops.advantages import log_ratio_clip_fraction
+
+    logp = torch.tensor([[-1.0, -2.0]])
+    with pytest.raises(ValueError, match="log_ratio_clip must be > 0"):
+        log_ratio_clip_fraction(logp, logp, torch.tensor([[True, True]]), clip)
