@@ -125,7 +125,7 @@ def save_checkpoint(
             _fsync_path(path)
         for directory in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
             _fsync_path(directory)
-    except BaseException as err:
+    except Exception as err:  # an interrupt (as a kill) leaves the temp dir for remove_temp_dirs
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_no_space(err):
             raise

@@ -102,7 +102,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         # --- metrics writer
         writer = open_metrics_writer(cfg, run_dir, start_step, is_main=ctx.is_main)
         if resume:
-            writer.message(f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at {start_step}")
+            writer.message(
+                f"resuming {run_dir} from {last_checkpoint or 'the start (no checkpoint)'} at step {start_step}"
+            )
         if ctx.enabled:
             writer.message(f"{ctx.world_size} processes, {cfg.parallel.mode}")
         previous = read_metrics(run_dir)  # a resumed run that has nothing left to do still reports its last step
