@@ -6,20 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-
-# Keys that may change when resuming (anything else would make the resumed run differ from the original).
-RESUME_OVERRIDABLE = (
-    "run.steps",
-    "run.progress",
-    "run.log_every",
-    "run.checkpoint_every",
-    "run.keep_checkpoints",
-    "run.tensorboard",
-    "run.wandb",
-    "run.threads",
-    "eval.",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,19 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     from opdplus.train.config import ConfigError, load_config
+    from opdplus.train.run_dir import resume_config
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the config saved in the run directory; do not also pass --config")
-        bad = [o for o in args.overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
-        if bad:
-            raise ConfigError(
-                f"cannot change {bad[0].split('=', 1)[0]} when resuming; allowed: {', '.join(RESUME_OVERRIDABLE)}"
-            )
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume {args.resume}: no config.yaml there (is it a run directory?)")
-        return load_config(saved, [*args.overrides, f"run.dir={args.resume}"])
+        return resume_config(args.resume, args.overrides)
     return load_config(args.config, args.overrides)
 
 
@@ -127,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from opdplus.models.sources import ModelSourceError
-    from opdplus.train.checkpoint import CorruptCheckpointError
+    from opdplus.train.checkpoint import CheckpointWriteError, CorruptCheckpointError
     from opdplus.train.config import ConfigError
     from opdplus.train.loop import train
     from opdplus.train.run_dir import RunDirError
@@ -135,7 +114,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    except (ConfigError, RunDirError, CorruptCheckpointError, ModelSourceError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        RunDirError,
+        CorruptCheckpointError,
+        CheckpointWriteError,
+        ModelSourceError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

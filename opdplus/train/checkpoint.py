@@ -4,17 +4,20 @@ Layout of ``run_dir/checkpoints/step_00000012/``:
 
     model/               save_pretrained (safetensors) + tokenizer; a LoRA run holds the peft adapter
     trainer_state.pt     optimizer, scheduler, step, RNG states (torch.load(weights_only=True) loads it)
-    config.yaml          the resolved config of the run
+    config.yaml          the resolved config the run was trained with (resume compares against it)
+    run_meta.json        package versions, commit, tokenizer fingerprints, teacher identity (run_dir.py)
     manifest.json        sha256 and size of every file above; written last
 
 A checkpoint is written into ``.tmp-step_...`` with every file and directory fsynced, then renamed
 into place, so a crash leaves either a complete checkpoint or a ``.tmp-*`` directory that is ignored.
 ``verify_checkpoint`` rejects a directory whose manifest is missing or whose files do not match it,
-naming the checkpoint and the file.
+naming the checkpoint and the file. A failed write (e.g. a full disk) removes the temp directory and
+keeps every older checkpoint; no space left raises ``CheckpointWriteError`` saying so.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +35,22 @@ PREFIX = "step_"
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint directory is partial or damaged; it is never loaded."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. no space left on device); the older ones are intact."""
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Is ``err`` (or what caused it) a full disk? torch and safetensors wrap the OSError in their own errors."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -58,11 +77,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file, fsync and rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_path(path.parent)
 
 
@@ -74,29 +97,44 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep: int = 0,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; ``write_model(dir)`` saves weights and tokenizer into ``dir``.
-    Keeps the newest ``keep`` checkpoints (0 = all). Returns the checkpoint directory."""
+    """Write checkpoint ``step`` atomically; ``write_model(dir)`` saves weights and tokenizer into ``dir``;
+    ``extra_files`` are more text files (name -> text). Keeps the newest ``keep`` checkpoints (0 = all).
+    Returns the checkpoint directory; CheckpointWriteError when the disk is full."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_model(tmp / "model")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "format": 1,
-        "step": step,
-        "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for path in [*files, tmp / MANIFEST]:
-        _fsync_path(path)
-    for directory in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
-        _fsync_path(directory)
+    try:
+        tmp.mkdir()
+        write_model(tmp / "model")
+        with open(tmp / "trainer_state.pt", "wb") as fh:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save(trainer_state, fh)
+        for name, text in {"config.yaml": config_yaml, **(extra_files or {})}.items():
+            (tmp / name).write_text(text)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": 1,
+            "step": step,
+            "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        for path in [*files, tmp / MANIFEST]:
+            _fsync_path(path)
+        for directory in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
+            _fsync_path(directory)
+    except Exception as err:  # an interrupt (as a kill) leaves the temp dir for remove_temp_dirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_no_space(err):
+            raise
+        kept = list_checkpoints(run_dir)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final}: no space left on device; the temp directory was removed and "
+            f"{'the last good checkpoint ' + str(kept[-1]) + ' is intact' if kept else 'there is no older checkpoint'}"
+            f"; free space, then continue with opdplus train --resume {run_dir}"
+        ) from None
     if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way first
         stale = final.parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, stale)

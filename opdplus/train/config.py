@@ -449,6 +449,72 @@ def config_from_dict(data: dict[str, Any], warned: set[str] | None = None) -> Tr
     return cfg
 
 
+# ---------------------------------------------------------------- resume: what may change
+
+# keys a resumed run may change (a trailing ``.*``: the whole section); anything else would make it another run.
+# run.steps may change but not below the checkpoint's step; teachers[i].teacher.* follow teacher.*
+RESUME_MAY_CHANGE = (
+    "run.dir",
+    "run.steps",
+    "run.log_every",
+    "run.progress",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.threads",
+    "run.tensorboard",
+    "run.wandb",
+    "run.wandb_project",
+    "eval.*",
+    "teacher.url",
+    "teacher.timeout_s",
+    "teacher.max_retries",
+    "teacher.api_key_env",
+)
+
+
+def resume_may_change(key: str) -> bool:
+    """May dotted ``key`` (as ``config_changes`` names it) differ from the checkpoint's config on resume?"""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "teachers" and parts[2] == "teacher":
+        key = ".".join(["teacher", *parts[3:]])
+    return any(
+        key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1])) for allowed in RESUME_MAY_CHANGE
+    )
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _flatten(child, f"{prefix}{key}.", out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out[prefix + "len"] = len(value)
+        for i, child in enumerate(value):
+            _flatten(child, f"{prefix}{i}.", out)
+    else:
+        out[prefix.rstrip(".")] = value
+    return out
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs (list entries by index)."""
+    before, after = _flatten(to_dict(old), "", {}), _flatten(to_dict(new), "", {})
+    return [
+        (k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)
+    ]
+
+
+def stored_config(text: str, where: str) -> TrainConfig:
+    """The config a run was trained with, from its stored YAML: old key names translated, keys it lacks
+    (written by an older version) at their defaults. Not re-validated (it ran)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must contain a mapping at top level")
+    return from_dict(TrainConfig, translate_renamed(data, where=f" (in {where})"))
+
+
 # ---------------------------------------------------------------- reference (opdplus train --help-config)
 
 

@@ -43,7 +43,7 @@ from opdplus.train.metrics import (
     timed,
     truncate_metrics,
 )
-from opdplus.train.run_dir import open_run_dir
+from opdplus.train.run_dir import check_run_dir, open_run_dir, remove_replaced_runs
 from opdplus.train.schedule import build_optimizer
 from opdplus.train.state import (
     load_checkpoint_weights,
@@ -70,12 +70,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     with torch_threads(cfg.run.threads), process_group as (ctx, device):
         # --- run directory, models, teacher, tasks
         check_prompt_share(cfg.data.prompts_per_step, ctx.world_size)
-        run_dir = open_run_dir(cfg, resume=resume, overwrite=overwrite, ctx=ctx)
+        check_run_dir(cfg, resume=resume, overwrite=overwrite)  # reads only: nothing is written before the builds
         seed_everything(cfg.run.seed)
         student, tokenizer = build_student(cfg, device)
         teacher = build_teacher(cfg, tokenizer, student, device)
         tasks = build_tasks(cfg, tokenizer)
         divergence = build_divergence(cfg.loss)
+        run_dir, meta = open_run_dir(cfg, resume=resume, student_tokenizer=tokenizer, ctx=ctx)
 
         # --- weights, optimizer, sampler, RNG (from the newest checkpoint when resuming)
         last_checkpoint, saved = (
@@ -196,10 +197,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 # --- checkpoint: every run.checkpoint_every steps and at the end
                 if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
                     last_checkpoint = write_checkpoint(
-                        cfg, step, policy, student, tokenizer, optimizer, scheduler, generator, ctx
+                        cfg, step, policy, student, tokenizer, optimizer, scheduler, generator, ctx, meta
                     )
         finally:
             writer.close()
+        remove_replaced_runs(run_dir)  # also when no checkpoint was due (run.steps=0)
     return TrainResult(run_dir=run_dir, step=cfg.run.steps, metrics=metrics, checkpoint=last_checkpoint)
 
 

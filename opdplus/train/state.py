@@ -3,6 +3,7 @@ schedule and RNG (the file format is in checkpoint.py)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import opdplus.train.distributed as dist_utils
 from opdplus.models.load import load_lora_weights
 from opdplus.train.config import TrainConfig, to_yaml
 from opdplus.train.distributed import DistContext
+from opdplus.train.run_dir import RUN_META, remove_replaced_runs
 
 # ---------------------------------------------------------------- RNG
 
@@ -88,9 +90,11 @@ def write_checkpoint(
     scheduler: Any,
     generator: torch.Generator,
     ctx: DistContext = DistContext(),
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Gather weights, optimizer state (keyed by parameter name, unsharded) and every rank's RNG state;
-    rank 0 writes the checkpoint. All ranks must call it (FSDP gathers collectively)."""
+    rank 0 writes the checkpoint (with the run metadata ``meta``) and then deletes an old run that
+    ``--overwrite`` moved aside. All ranks must call it (FSDP gathers collectively)."""
     sharded = dist_utils.is_fsdp(policy)
     weights = dist_utils.full_model_state_dict(policy) if sharded else None
     optimizer_state = dist_utils.full_optimizer_state_dict(policy, optimizer)
@@ -112,7 +116,9 @@ def write_checkpoint(
             },
             config_yaml=to_yaml(cfg),
             keep=cfg.run.keep_checkpoints,
+            extra_files={RUN_META: json.dumps(meta, indent=1)} if meta is not None else None,
         )
+        remove_replaced_runs(Path(cfg.run.dir))
     dist_utils.barrier(ctx)
     return path
 
