@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from opdplus.models.load import DeviceError
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CorruptCheckpointError
     from opdplus.train.config import ConfigError
@@ -138,11 +139,15 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, RunDirError, CorruptCheckpointError, ModelSourceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DeviceError as err:  # teacher.device is named by the builder; the one left is run.device
+        print(f"error: run.device: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
-        if type(err).__name__ != "TeacherUnavailableError":
+        if type(err).__name__ not in ("TeacherUnavailableError", "TeacherRequestError"):
             raise
+        when = "is back" if type(err).__name__ == "TeacherUnavailableError" else "accepts the requests"
         print(
-            f"error: {err}\nThe last checkpoint is intact: once the teacher is back, continue with "
+            f"error: {err}\nThe last checkpoint is intact: once the teacher {when}, continue with "
             f"opdplus train --resume {cfg.run.dir}",
             file=sys.stderr,
         )
