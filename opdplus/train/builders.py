@@ -4,7 +4,7 @@ divergence, the sampler, and each step's prompts."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from opdplus.rollout.teacher import LocalTeacher
 from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task, TaskItem, get_task
 from opdplus.train.config import ConfigError, LossConfig, SamplerName, TeacherConfig, TrainConfig, divergence_kwargs
+
+if TYPE_CHECKING:
+    from opdplus.rollout.http_teacher import HTTPTeacher
 
 
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -101,9 +104,8 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
     tokenizer is compared with the student's instead (no probe). A refused probe (wrong API key, unknown
     model) is a ConfigError that says which key to fix."""
     import os
-    import sys
 
-    from opdplus.rollout.http_teacher import HTTPTeacher, TeacherRequestError
+    from opdplus.rollout.http_teacher import HTTPTeacher
 
     teacher = HTTPTeacher(
         t.url or "",
@@ -114,6 +116,23 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
         max_concurrency=t.max_concurrency,
         rows_per_request=t.rows_per_request,
     )
+    try:
+        check_served_vocabulary(teacher, t, cfg, student_tokenizer, key)
+    except ConfigError:
+        teacher.close()
+        raise
+    return teacher
+
+
+def check_served_vocabulary(
+    teacher: HTTPTeacher, t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, key: str
+) -> None:
+    """ConfigError unless the served ``teacher`` decodes the probe ids as the student's tokenizer does (or
+    ``t.tokenizer`` is the student's vocabulary); see ``build_served_teacher``."""
+    import sys
+
+    from opdplus.rollout.http_teacher import TeacherRequestError
+
     student = f"student.model={cfg.student.model!r} ({len(student_tokenizer)} tokens)"
     if t.tokenizer is not None:
         try:
@@ -128,7 +147,7 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
             "not probed",
             file=sys.stderr,
         )
-        return teacher
+        return
     ids = probe_token_ids(student_tokenizer)
     try:
         served = teacher.decoded_tokens(ids)
@@ -136,7 +155,7 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
         raise ConfigError(f"{key}.url={t.url}: {err}{served_teacher_fix(err.status, t, key)}") from None
     if served is None:
         print(f"note: {key}.url={t.url} writes tokens as ids, so its vocabulary cannot be checked", file=sys.stderr)
-        return teacher
+        return
     difference = first_token_difference(ids, decoded_tokens(student_tokenizer, ids), served)
     if difference is not None:
         size = teacher.vocabulary_size(at_least=len(student_tokenizer))
@@ -147,7 +166,6 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
             f"; serve a teacher with the student's tokenizer (if it has it and only decodes differently, set "
             f"{key}.tokenizer to that tokenizer's directory)"
         )
-    return teacher
 
 
 def served_teacher_fix(status: int | None, t: TeacherConfig, key: str) -> str:

@@ -548,9 +548,10 @@ def validate(cfg: TrainConfig) -> None:
     _check_finite(cfg)
     _check(
         cfg.student.dtype != "float16",
-        "student.dtype=float16 cannot be trained: AdamW keeps its state in the parameters' dtype, and in float16 "
-        "its second moment underflows to 0 (eps=1e-8 rounds to 0 too), so updates blow up to inf/NaN within a few "
-        "steps; use student.dtype=bfloat16 (same memory, float32's range) or float32 (a float16 teacher is fine)",
+        "student.dtype=float16 cannot be trained: AdamW keeps its second moment in the parameters' dtype, where "
+        "(1 - beta2) * grad^2 underflows to 0 for gradients below ~8e-3, so the updates grow until the logits are "
+        "inf/NaN (within 3 steps of configs/tiny.yaml); use student.dtype=bfloat16 (same memory, float32's range) "
+        "or float32 (a float16 teacher is fine)",
     )
     _check(
         run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
