@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from opdplus.models.load import DeviceError
     from opdplus.models.sources import ModelSourceError
     from opdplus.train.checkpoint import CheckpointWriteError, CorruptCheckpointError
     from opdplus.train.config import ConfigError
@@ -124,11 +125,15 @@ def run(args: argparse.Namespace) -> int:
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DeviceError as err:  # teacher.device is named by the builder; the one left is run.device
+        print(f"error: run.device: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
-        if type(err).__name__ != "TeacherUnavailableError":
+        if type(err).__name__ not in ("TeacherUnavailableError", "TeacherRequestError"):
             raise
+        when = "is back" if type(err).__name__ == "TeacherUnavailableError" else "accepts the requests"
         print(
-            f"error: {err}\nThe last checkpoint is intact: once the teacher is back, continue with "
+            f"error: {err}\nThe last checkpoint is intact: once the teacher {when}, continue with "
             f"opdplus train --resume {cfg.run.dir}",
             file=sys.stderr,
         )

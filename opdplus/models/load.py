@@ -27,18 +27,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+class DeviceError(ValueError):
+    """A device name torch does not know, or a device this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else mps if available, else cpu. ValueError for a device this machine
+    """``auto`` -> cuda if available, else mps if available, else cpu. DeviceError for a device this machine
     does not have (``cuda`` without CUDA) or a name torch does not know."""
     if name != "auto":
         try:
             device = torch.device(name)
         except RuntimeError as err:
-            raise ValueError(f"unknown device {name!r} ({err}); use auto, cpu, cuda or cuda:N") from None
+            raise DeviceError(f"unknown device {name!r} ({err}); use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+            raise DeviceError(
+                f"device {name!r}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                "use auto or cpu"
+            )
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+            raise DeviceError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -129,27 +136,70 @@ def model_vocab_size(model: torch.nn.Module) -> int:
     return int(config.vocab_size)
 
 
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789 (x + y) * z = 42? Ça coûte 5€ — naïve 日本語"
+
+
+def probe_token_ids(tokenizer: Any, spread: int = 32) -> list[int]:
+    """Token ids that tell two vocabularies apart, for a teacher whose tokenizer cannot be read (a served one):
+    the special tokens, the tokens of ``PROBE_TEXT``, and ``spread`` ids spaced evenly over the whole vocabulary
+    (the last one included). Distinct, in that order."""
+    size = len(tokenizer)
+    ids = [*list(tokenizer.all_special_ids)[:16], *tokenizer.encode(PROBE_TEXT, add_special_tokens=False)[:64]]
+    ids += [round(i * (size - 1) / (spread - 1)) for i in range(spread)]
+    return list(dict.fromkeys(int(i) for i in ids if 0 <= i < size))
+
+
+def decoded_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id decoded alone, as vLLM and ``opdplus serve-teacher`` write the ``tokens`` of an echo response."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def first_token_difference(ids: list[int], student_tokens: list[str], teacher_tokens: list[str]) -> str | None:
+    """``"id 5 is 'a' for the student, 'b' for the teacher"`` for the first id whose tokens differ, else None."""
+    for i, ours, theirs in zip(ids, student_tokens, teacher_tokens):
+        if ours != theirs:
+            return f"id {i} is {ours!r} for the student, {theirs!r} for the teacher"
+    return None
+
+
+def _vocabulary_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str:
+    ids = list(range(min(len(student_tokenizer), len(teacher_tokenizer))))
+    found = first_token_difference(
+        ids, student_tokenizer.convert_ids_to_tokens(ids), teacher_tokenizer.convert_ids_to_tokens(ids)
+    )
+    return f" (first difference: {found})" if found else ""
+
+
+def check_same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """ValueError, with both sizes and the first differing token, unless both tokenizers map the same token
+    strings to the same ids."""
+    student_size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
+    if student_size != teacher_size:
+        raise ValueError(
+            f"vocabulary mismatch: student tokenizer has {student_size} tokens, teacher tokenizer has "
+            f"{teacher_size}{_vocabulary_difference(student_tokenizer, teacher_tokenizer)}; the teacher must use "
+            "the student's tokenizer (cross-tokenizer distillation is not supported)"
+        )
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"vocabulary mismatch: student and teacher tokenizers both have {student_size} tokens but map "
+            f"them to different ids{_vocabulary_difference(student_tokenizer, teacher_tokenizer)}; the teacher "
+            "must use the student's tokenizer"
+        )
+
+
 def check_same_vocabulary(
     student_tokenizer: Any, teacher_tokenizer: Any, student_model: torch.nn.Module, teacher_model: torch.nn.Module
 ) -> None:
     """The teacher scores the student's token ids, so both must use one vocabulary.
 
-    Raises ValueError, with both sizes, when the tokenizers differ or when the teacher's output layer
-    has fewer rows than the student's (the student could sample ids the teacher cannot score). A model
-    head smaller than the tokenizer only warns (families often leave a few added tokens out of the head).
+    Raises ValueError, with both sizes, when the tokenizers differ (``check_same_tokenizer``) or when the
+    teacher's output layer has fewer rows than the student's (the student could sample ids the teacher cannot
+    score). A model head smaller than the tokenizer only warns (families often leave a few added tokens out of
+    the head).
     """
-    student_size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
-    if student_size != teacher_size:
-        raise ValueError(
-            f"vocabulary mismatch: student tokenizer has {student_size} tokens, teacher tokenizer has "
-            f"{teacher_size}; the teacher must use the student's tokenizer (cross-tokenizer distillation is "
-            "not supported)"
-        )
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(
-            f"vocabulary mismatch: student and teacher tokenizers both have {student_size} tokens but map "
-            "them to different ids; the teacher must use the student's tokenizer"
-        )
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer)
+    student_size = len(student_tokenizer)
     student_rows, teacher_rows = model_vocab_size(student_model), model_vocab_size(teacher_model)
     if teacher_rows < student_rows:
         raise ValueError(

@@ -29,7 +29,12 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class TeacherRequestError(RuntimeError):
-    """The teacher server refused a request or answered with something that is not a scoring response."""
+    """The teacher server refused a request or answered with something that is not a scoring response;
+    ``status`` is the HTTP status of a refusal (None otherwise)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class TeacherUnavailableError(TeacherRequestError):
@@ -166,6 +171,60 @@ class HTTPTeacher:
         """For each prompt p: (top-k ids, top-k log-probs) of q(. | p[:j]) for j = 1..len(p)-1."""
         return self._map_chunks(prompts, k)
 
+    def decoded_tokens(self, ids: list[int], tokens_per_prompt: int = 32) -> list[str] | None:
+        """How the server decodes each of ``ids``: the ``tokens`` of an echo request (one request; vLLM and
+        ``opdplus serve-teacher`` decode each token alone), to compare with the student's tokenizer. None when
+        the server writes tokens as ``token_id:N`` (vLLM's ``--return-tokens-as-token-ids``)."""
+        if self.model is None:
+            self.model = self._served_model()
+        prompts = [ids[i : i + tokens_per_prompt] for i in range(0, len(ids), tokens_per_prompt)]
+        body = {"prompt": prompts, "echo": True, "max_tokens": 0, "logprobs": 0, "temperature": 1.0}
+        if self.model is not None:
+            body["model"] = self.model
+        choices = sorted(self._post(body).get("choices") or [], key=lambda c: c.get("index", 0))
+        tokens: list[str] = []
+        for choice, prompt in zip(choices, prompts):
+            got = (choice.get("logprobs") or {}).get("tokens")
+            if not isinstance(got, list) or len(got) < len(prompt) or not all(isinstance(t, str) for t in got):
+                raise TeacherRequestError(f"teacher at {self.url} did not echo the prompt's `tokens` (logprobs.tokens)")
+            tokens += got[: len(prompt)]
+        if len(tokens) != len(ids):
+            raise TeacherRequestError(
+                f"teacher at {self.url} returned {len(choices)} choices for {len(prompts)} prompts"
+            )
+        if all(t.startswith("token_id:") for t in tokens):
+            return None
+        return tokens
+
+    def vocabulary_size(self, at_least: int = 1, at_most: int = 2**24) -> int | None:
+        """The number of token ids the server accepts (its model's vocabulary), found by scoring one-token
+        prompts (about 2 log2(size) small requests); None when it accepts ``at_most`` ids or refuses an id for
+        another reason than HTTP 400."""
+
+        def accepted(token_id: int) -> bool:
+            try:
+                self._post(scoring_request_body([[token_id]], model=self.model, shape="echo"))
+            except TeacherRequestError as err:
+                if err.status == 400:
+                    return False
+                raise
+            return True
+
+        try:
+            if not accepted(at_least - 1):
+                return None
+            low, high = at_least - 1, at_least  # accepted(low); find the first refused id above it
+            while accepted(high):
+                low, high = high, 2 * high
+                if high > at_most:
+                    return None
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if accepted(mid) else (low, mid)
+        except TeacherRequestError:
+            return None
+        return high
+
     def _map_chunks(self, prompts: list[list[int]], top_k: int) -> list:
         if not prompts:
             return []
@@ -223,7 +282,8 @@ class HTTPTeacher:
             if response.status_code != 200:
                 raise TeacherRequestError(
                     f"teacher at {url} rejected the request with HTTP {response.status_code}: "
-                    f"{_error_message(response)}"
+                    f"{_error_message(response)}",
+                    status=response.status_code,
                 )
             try:
                 return response.json()

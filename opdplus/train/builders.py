@@ -4,17 +4,31 @@ divergence, the sampler, and each step's prompts."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opdplus.models.load import apply_lora, check_same_vocabulary, load_model_and_tokenizer, resolve_device
+from opdplus.models.load import (
+    DeviceError,
+    apply_lora,
+    check_same_tokenizer,
+    check_same_vocabulary,
+    decoded_tokens,
+    first_token_difference,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    probe_token_ids,
+    resolve_device,
+)
 from opdplus.ops.divergences import Divergence, get_divergence
 from opdplus.rollout.sampler import Sampler, SamplingSettings, tokenize_prompts
 from opdplus.rollout.teacher import LocalTeacher
 from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task, TaskItem, get_task
 from opdplus.train.config import ConfigError, LossConfig, SamplerName, TeacherConfig, TrainConfig, divergence_kwargs
+
+if TYPE_CHECKING:
+    from opdplus.rollout.http_teacher import HTTPTeacher
 
 
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -46,35 +60,35 @@ def build_teacher(
 
     return RoutedTeacher(
         {
-            route.task: build_one_teacher(route.teacher, cfg, student_tokenizer, student_model, device)
-            for route in cfg.teachers
+            route.task: build_one_teacher(
+                route.teacher, cfg, student_tokenizer, student_model, device, key=f"teachers[{i}].teacher"
+            )
+            for i, route in enumerate(cfg.teachers)
         }
     )
 
 
 def build_one_teacher(
-    t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, student_model: torch.nn.Module, device: torch.device
+    t: TeacherConfig,
+    cfg: TrainConfig,
+    student_tokenizer: Any,
+    student_model: torch.nn.Module,
+    device: torch.device,
+    key: str = "teacher",
 ) -> Teacher:
-    """A ``LocalTeacher`` (vocabulary checked against the student) or an ``HTTPTeacher`` for ``t.url``."""
+    """A ``LocalTeacher`` or an ``HTTPTeacher`` for ``t.url``, its vocabulary checked against the student's
+    (``key`` is the config section, for error messages)."""
     if t.url is not None:
-        import os
-
-        from opdplus.rollout.http_teacher import HTTPTeacher
-
-        return HTTPTeacher(
-            t.url,
-            api_key=os.environ.get(t.api_key_env),
-            model=t.model_name,
-            timeout_s=t.timeout_s,
-            max_retries=t.max_retries,
-            max_concurrency=t.max_concurrency,
-            rows_per_request=t.rows_per_request,
-        )
+        return build_served_teacher(t, cfg, student_tokenizer, key)
+    try:
+        teacher_device = resolve_device(t.device) if t.device else device
+    except DeviceError as err:
+        raise ConfigError(f"{key}.device: {err}") from None
     model, tokenizer = load_model_and_tokenizer(
         t.model,
         tokenizer=t.tokenizer,
         dtype=t.dtype,
-        device=resolve_device(t.device) if t.device else device,
+        device=teacher_device,
         tiny=dataclasses.asdict(t.tiny),
     )
     try:
@@ -82,6 +96,94 @@ def build_one_teacher(
     except ValueError as err:
         raise ConfigError(f"student.model={cfg.student.model!r}, teacher.model={t.model!r}: {err}") from None
     return LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.update.logprob_chunk_size)
+
+
+def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, key: str) -> Teacher:
+    """An ``HTTPTeacher`` for ``t.url`` whose vocabulary is the student's: the server decodes a fixed probe of
+    token ids (``probe_token_ids``) and every token must equal the student's. With ``t.tokenizer`` set, that
+    tokenizer is compared with the student's instead (no probe). A refused probe (wrong API key, unknown
+    model) is a ConfigError that says which key to fix."""
+    import os
+
+    from opdplus.rollout.http_teacher import HTTPTeacher
+
+    teacher = HTTPTeacher(
+        t.url or "",
+        api_key=os.environ.get(t.api_key_env),
+        model=t.model_name,
+        timeout_s=t.timeout_s,
+        max_retries=t.max_retries,
+        max_concurrency=t.max_concurrency,
+        rows_per_request=t.rows_per_request,
+    )
+    try:
+        check_served_vocabulary(teacher, t, cfg, student_tokenizer, key)
+    except ConfigError:
+        teacher.close()
+        raise
+    return teacher
+
+
+def check_served_vocabulary(
+    teacher: HTTPTeacher, t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, key: str
+) -> None:
+    """ConfigError unless the served ``teacher`` decodes the probe ids as the student's tokenizer does (or
+    ``t.tokenizer`` is the student's vocabulary); see ``build_served_teacher``."""
+    import sys
+
+    from opdplus.rollout.http_teacher import TeacherRequestError
+
+    student = f"student.model={cfg.student.model!r} ({len(student_tokenizer)} tokens)"
+    if t.tokenizer is not None:
+        try:
+            check_same_tokenizer(student_tokenizer, load_tokenizer(t.tokenizer))
+        except ValueError as err:
+            raise ConfigError(
+                f"{key}.tokenizer={t.tokenizer!r} is not the student's vocabulary ({err}); cross-tokenizer "
+                "teachers are not supported yet"
+            ) from None
+        print(
+            f"note: {key}.tokenizer is set and equals the student's vocabulary; the served teacher's tokens are "
+            "not probed",
+            file=sys.stderr,
+        )
+        return
+    ids = probe_token_ids(student_tokenizer)
+    try:
+        served = teacher.decoded_tokens(ids)
+    except TeacherRequestError as err:
+        raise ConfigError(f"{key}.url={t.url}: {err}{served_teacher_fix(err.status, t, key)}") from None
+    if served is None:
+        print(f"note: {key}.url={t.url} writes tokens as ids, so its vocabulary cannot be checked", file=sys.stderr)
+        return
+    difference = first_token_difference(ids, decoded_tokens(student_tokenizer, ids), served)
+    if difference is not None:
+        size = teacher.vocabulary_size(at_least=len(student_tokenizer))
+        theirs = f"the teacher's model takes {size} token ids" if size else "the teacher's size is unknown"
+        raise ConfigError(
+            f"{key}.url={t.url}: the served teacher does not use the student's vocabulary: {student}, {theirs}, "
+            f"and {difference}"
+            f"; serve a teacher with the student's tokenizer (if it has it and only decodes differently, set "
+            f"{key}.tokenizer to that tokenizer's directory)"
+        )
+
+
+def served_teacher_fix(status: int | None, t: TeacherConfig, key: str) -> str:
+    """How to fix a served teacher's refusal, by HTTP status ('' when there is nothing specific to say)."""
+    import os
+
+    if status in (401, 403):
+        state = "is not set" if os.environ.get(t.api_key_env) is None else "holds a key the server refused"
+        return (
+            f"; put the server's API key in the environment variable {t.api_key_env} (named by {key}.api_key_env; "
+            f"it {state})"
+        )
+    if status == 404:
+        return (
+            f"; set {key}.model_name to the model the server serves (null: its only model; {key}.model_name is "
+            f"{t.model_name!r}), and check that {key}.url is an OpenAI-compatible server"
+        )
+    return ""
 
 
 def build_tasks(cfg: TrainConfig, tokenizer: Any) -> dict[str, Task]:

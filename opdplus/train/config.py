@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -428,6 +429,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError as err:
             raise ConfigError(f"config file {str(path)!r} does not exist") from err
+        except IsADirectoryError as err:
+            raise ConfigError(
+                f"config file {str(path)!r} is a directory; give a YAML file such as configs/tiny.yaml"
+            ) from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not a text file ({err.reason}); give a YAML file") from err
+        except PermissionError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: permission denied") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -560,6 +569,19 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every number under the config dataclass ``node`` is finite (inf and nan are never meaningful settings:
+    an unbounded option is ``null``)."""
+    for spec in dataclasses.fields(node):
+        value, key = getattr(node, spec.name), prefix + spec.name
+        named = [(f"{key}[{i}]", item) for i, item in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for where, item in named:
+            if dataclasses.is_dataclass(item):
+                _check_finite(item, f"{where}.")
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{where}={item} must be a finite number")
+
+
 def _one_of(value: Any, options: tuple[Any, ...], key: str) -> None:
     _check(value in options, f"{key}={value!r} is not one of: {', '.join(map(str, options))}")
 
@@ -589,6 +611,14 @@ def validate(cfg: TrainConfig) -> None:
     """Value and combination checks that need no model; raises ConfigError."""
     run, loss, optim, rollout, update = cfg.run, cfg.loss, cfg.optim, cfg.rollout, cfg.update
     _check_choices(cfg)
+    _check_finite(cfg)
+    _check(
+        cfg.student.dtype != "float16",
+        "student.dtype=float16 cannot be trained: AdamW keeps its second moment in the parameters' dtype, where "
+        "(1 - beta2) * grad^2 underflows to 0 for gradients below ~8e-3, so the updates grow until the logits are "
+        "inf/NaN (within 3 steps of configs/tiny.yaml); use student.dtype=bfloat16 (same memory, float32's range) "
+        "or float32 (a float16 teacher is fine)",
+    )
     _check(
         run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
         f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}",
@@ -644,6 +674,8 @@ def validate(cfg: TrainConfig) -> None:
     )
     _validate_divergence(loss)
     _check(optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}")
+    _check(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _check(optim.eps > 0, f"optim.eps must be > 0, got {optim.eps}")
     _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be two numbers in [0, 1)")
     _check(optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _check(0.0 <= optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")

@@ -87,3 +87,19 @@ def test_eval_with_a_model_that_does_not_exist_is_a_one_line_error(tmp_path, cap
     assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "gsm8k", "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "neither a local HF directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["run.device=cuda", "teacher.device=cuda:1"])
+def test_a_device_this_machine_lacks_is_a_one_line_error(override, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    rc = main(["train", "--config", str(config), f"run.dir={tmp_path / 'run'}", "run.progress=none", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    key = override.split("=")[0]
+    assert err.strip() == f"error: {key}: device {override.split('=')[1]!r}: this machine has no CUDA device " + (
+        "(torch.cuda.is_available() is False); use auto or cpu"
+    )

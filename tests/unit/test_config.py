@@ -114,6 +114,15 @@ def test_wrong_types(override, message):
         ("optim.schedule=step", r"optim.schedule='step' is not one of"),
         ("data.task_options={other: {}}", r"data.task_options names tasks not in data.tasks: other"),
         ("run.progress=fancy", r"run.progress='fancy'"),
+        ("optim.lr=inf", r"optim.lr=inf must be a finite number"),
+        ("optim.weight_decay=inf", r"optim.weight_decay=inf must be a finite number"),
+        ("optim.weight_decay=.nan", r"optim.weight_decay=nan must be a finite number"),
+        ("optim.weight_decay=-0.1", r"optim.weight_decay must be >= 0"),
+        ("optim.eps=0", r"optim.eps must be > 0"),
+        ("optim.betas=[0.9, .nan]", r"optim.betas\[1\]=nan must be a finite number"),
+        ("loss.log_ratio_clip=.inf", r"loss.log_ratio_clip=inf must be a finite number"),
+        ("teacher.timeout_s=.inf", r"teacher.timeout_s=inf must be a finite number"),
+        ("student.dtype=float16", r"student.dtype=float16 cannot be trained: .* use student.dtype=bfloat16"),
     ],
 )
 def test_bad_values(override, message):
@@ -129,6 +138,18 @@ def test_malformed_override_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_a_config_that_is_a_directory_or_binary_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="is not a text file"):
+        load_config(tmp_path / "bin.yaml")
+
+
+def test_a_float16_teacher_is_allowed():
+    assert load_config(None, ["teacher.dtype=float16"]).teacher.dtype == "float16"
 
 
 def test_yaml_round_trip_is_exact(tmp_path):

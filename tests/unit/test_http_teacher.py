@@ -18,6 +18,7 @@ from opdplus.rollout.http_teacher import (
 )
 from opdplus.rollout.openai_protocol import (
     PromptScores,
+    RequestError,
     ServerLimits,
     format_completion_response,
     parse_completion_request,
@@ -154,6 +155,52 @@ def test_client_errors_are_not_retried_and_carry_the_server_message() -> None:
         with pytest.raises(TeacherRequestError, match="HTTP 400: overloaded"):
             teacher.score(make_batch())
     assert len(server.bodies) == 1
+
+
+def test_a_refusal_carries_its_http_status() -> None:
+    with teacher_for(FakeServer(fail_first=100, fail_status=401), model="m") as teacher:
+        with pytest.raises(TeacherRequestError, match="HTTP 401") as refused:
+            teacher.score(make_batch())
+    assert refused.value.status == 401
+
+
+def vocabulary_server(token_str, vocab: int = VOCAB):
+    """Answers echo requests over a ``vocab``-token vocabulary whose token ``i`` is ``token_str(i)``; an id out of
+    range gets the 400 of ``parse_completion_request``."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "fake-teacher"}]})
+        try:
+            req = parse_completion_request(
+                json.loads(request.content), limits=ServerLimits(), vocab_size=vocab, model_name="fake-teacher"
+            )
+        except RequestError as err:
+            return httpx.Response(err.status, json=err.body())
+        scores = [fake_scores(p, req.top_k) for p in req.prompts]
+        payload = format_completion_response(
+            req, scores, model_name="fake-teacher", decode=token_str, decode_text=lambda ids: ""
+        )
+        return httpx.Response(200, json=payload)
+
+    return answer
+
+
+def test_decoded_tokens_are_the_echoed_tokens_in_order() -> None:
+    ids = [7, 0, 49, *range(40)]
+    with HTTPTeacher("http://t.test", transport=httpx.MockTransport(vocabulary_server(lambda i: f"<{i}>"))) as teacher:
+        assert teacher.decoded_tokens(ids, tokens_per_prompt=5) == [f"<{i}>" for i in ids]
+    as_ids = vocabulary_server(lambda i: f"token_id:{i}")
+    with HTTPTeacher("http://t.test", transport=httpx.MockTransport(as_ids)) as teacher:
+        assert teacher.decoded_tokens(ids) is None  # nothing to compare
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 50, 256, 1000])
+def test_vocabulary_size_is_the_first_id_the_server_refuses(vocab: int) -> None:
+    with HTTPTeacher("http://t.test", transport=httpx.MockTransport(vocabulary_server(str, vocab))) as teacher:
+        assert teacher.vocabulary_size(at_least=1) == vocab
+        assert teacher.vocabulary_size(at_least=vocab + 1) is None  # refuses even the smallest id asked about
+        assert teacher.vocabulary_size(at_least=1, at_most=max(vocab // 2, 1) - 1) is None  # beyond the search
 
 
 def test_connection_errors_are_retried() -> None:
