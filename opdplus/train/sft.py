@@ -11,7 +11,8 @@ prompt text is also a training prompt) are decoded greedily through the evaluati
 (``opdplus.eval.runner.greedy_completions``) and scored by the task. The run directory holds
 ``config.yaml``, ``checkpoints/`` (HF Trainer checkpoints: a killed run continues from the newest),
 ``adapter/`` (the LoRA adapter, ``save_pretrained`` layout), ``adapter.sha256``, ``eval_samples.jsonl``
-(``id``, ``completion``, ``answer``, ``correct``) and ``result.json``.
+(``id``, ``completion``, ``answer``, ``correct``), ``result.json`` and, with ``run.save_merged``,
+``merged/`` (the base model with the adapter merged in: a model directory for ``teacher.model``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class SftRunConfig:
     keep_checkpoints: int = setting(1, "newest checkpoints kept")
     log_every: int = setting(10, "steps between loss lines")
     progress: bool = setting(False, "show the Trainer's progress bar")
+    save_merged: bool = setting(
+        False, "also write merged/: the base model with the adapter merged in (a plain HF directory, a teacher spec)"
+    )
 
 
 @dataclass(frozen=True)
@@ -207,11 +211,11 @@ class SftResult:
     train_loss: list[float]  # the logged training losses, in order
     eval_accuracy: float | None  # None when data.eval_items = 0
     eval_n: int
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # wall and CPU (``*_cpu``: all threads, load-independent) seconds per phase
 
 
 def _trainer_args(cfg: SftConfig, checkpoints: Path) -> Any:
-    from trl import SFTConfig as TrlSFTConfig
+    from trl.trainer.sft_config import SFTConfig as TrlSFTConfig
 
     return TrlSFTConfig(
         output_dir=str(checkpoints),
@@ -259,7 +263,7 @@ def _evaluate(model: Any, tokenizer: Any, task: Any, items: list[TaskItem], cfg:
 
 
 # run keys a resumed run may change (anything else would make it another run)
-RESUME_MAY_CHANGE = ("steps", "threads", "log_every", "progress", "checkpoint_every", "keep_checkpoints")
+RESUME_MAY_CHANGE = ("steps", "threads", "log_every", "progress", "checkpoint_every", "keep_checkpoints", "save_merged")
 
 
 def _same_run(stored: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -276,9 +280,15 @@ def sft(cfg: SftConfig) -> SftResult:
     """Fine-tune LoRA adapters on ``cfg.data.task``'s train split with TRL's ``SFTTrainer``; continues from
     the newest checkpoint in ``run.dir/checkpoints`` when there is one (same config); then evaluate."""
     import torch
-    from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer
+
+    try:
+        from datasets import Dataset
+        from trl.trainer.sft_trainer import SFTTrainer
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"opdplus sft needs trl (and its datasets): pip install 'opdplus[bench,lora]' ({err})"
+        ) from err
 
     from opdplus.models.load import apply_lora, load_model_and_tokenizer
 
@@ -309,7 +319,7 @@ def sft(cfg: SftConfig) -> SftResult:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = apply_lora(
+    model: Any = apply_lora(
         model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
     )
     task = get_task(cfg.data.task, **cfg.data.task_options)
@@ -326,13 +336,13 @@ def sft(cfg: SftConfig) -> SftResult:
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last is not None:
         print(f"resuming from {last}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train(resume_from_checkpoint=last)
-    seconds["train"] = time.perf_counter() - start
+    seconds["train"], seconds["train_cpu"] = time.perf_counter() - start, time.process_time() - cpu_start
     losses = [float(row["loss"]) for row in trainer.state.log_history if "loss" in row]
 
     adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))  # pyright: ignore[reportOptionalMemberAccess]
+    model.save_pretrained(str(adapter_dir))
     adapter_sha256 = file_sha256(adapter_dir / "adapter_model.safetensors")
     (run_dir / "adapter.sha256").write_text(f"{adapter_sha256}  adapter/adapter_model.safetensors\n")
 
@@ -341,10 +351,14 @@ def sft(cfg: SftConfig) -> SftResult:
         held_out = held_out_without_train(
             tokenizer, train_items, task.items("eval", cfg.data.eval_items, seed=cfg.data.eval_seed)
         )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            accuracy = _evaluate(trainer.model, tokenizer, task, held_out, cfg, run_dir / "eval_samples.jsonl")
-        seconds["eval"] = time.perf_counter() - start
+            accuracy = _evaluate(model, tokenizer, task, held_out, cfg, run_dir / "eval_samples.jsonl")
+        seconds["eval"], seconds["eval_cpu"] = time.perf_counter() - start, time.process_time() - cpu_start
+    if cfg.run.save_merged:  # after the evaluation: merging replaces the LoRA layers in place
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(run_dir / "merged"))
+        tokenizer.save_pretrained(str(run_dir / "merged"))
     result = SftResult(
         run_dir=run_dir,
         adapter_dir=adapter_dir,

@@ -14,6 +14,7 @@ pytest.importorskip("math_verify", reason="optional extra: pip install math-veri
 pytest.importorskip("reasoning_gym", reason="optional extra: pip install reasoning-gym")
 
 from opdplus.commands import main  # noqa: E402
+from opdplus.models.load import load_model_and_tokenizer  # noqa: E402
 from opdplus.tasks.base import TaskItem  # noqa: E402
 from opdplus.train.config import ConfigError  # noqa: E402
 from opdplus.train.sft import (  # noqa: E402
@@ -45,7 +46,7 @@ def tiny_sft_overrides(run_dir, model_dir) -> list[str]:
 
 def test_sft_writes_adapter_evaluates_and_resumes(tmp_path, tiny_model_dir, capsys):
     run_dir = tmp_path / "sft"
-    cfg = load_sft_config(None, tiny_sft_overrides(run_dir, tiny_model_dir))
+    cfg = load_sft_config(None, [*tiny_sft_overrides(run_dir, tiny_model_dir), "run.save_merged=true"])
     result = sft(cfg)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter.sha256").read_text().split()[0] == result.adapter_sha256
@@ -55,6 +56,8 @@ def test_sft_writes_adapter_evaluates_and_resumes(tmp_path, tiny_model_dir, caps
     samples = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
     assert [set(s) for s in samples] == [{"id", "completion", "answer", "correct"}] * 4
     assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    merged, _ = load_model_and_tokenizer(str(run_dir / "merged"))  # a plain model directory: a teacher spec
+    assert not any("lora" in name for name, _ in merged.named_parameters())
 
     # the same command with more steps continues from the newest checkpoint (step 4), not from step 0
     capsys.readouterr()
