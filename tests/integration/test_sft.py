@@ -77,6 +77,15 @@ def test_resume_with_another_config_is_an_error(tmp_path, tiny_model_dir):
         sft(load_sft_config(None, [*overrides, "optim.lr=0.5"]))
 
 
+def test_every_sft_preset_loads_and_validates():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*_sft_*.yaml"))
+    assert presets
+    for preset in presets:
+        assert load_sft_config(preset).lora.enabled, preset
+
+
 def test_unknown_key_names_the_valid_ones():
     with pytest.raises(ConfigError, match="valid keys at optim: lr, batch_size"):
         load_sft_config(None, ["optim.learning_rate=0.1"])
