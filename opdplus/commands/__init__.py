@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "serve-teacher": "serve a teacher's prompt log-probs over an OpenAI/vLLM-compatible HTTP API",
     "make-student": "build a smaller student by keeping K of the teacher's decoder layers",
     "eval": "evaluate a model on GSM8K, AIME 2025, held-out math or BFCL v4",
+    "sft": "fine-tune a teacher with LoRA on a task's train split (TRL SFTTrainer), then score its held-out items",
     "pretrain-teacher": "build the demo world: a synthetic-task teacher (>= 95%) and a weaker student",
     "demo": "OPD vs OPD+ on the synthetic world: distil, evaluate, print a table, write a report",
     "sweep": "run a grid of distillation runs (estimators x divergences x seeds) from a YAML file",

@@ -130,7 +130,8 @@ class ReasoningGymMath(_MathScoring):
                 continue
             seen.add(question)
             item_id = f"{name}-{hashlib.sha256(question.encode()).hexdigest()[:12]}"
-            out.append(_item(self.name, item_id, question, entry["answer"], self.prompt_format, source=name))
+            meta = {"source": name, "expression": entry.get("metadata", {}).get("expression")}
+            out.append(_item(self.name, item_id, question, entry["answer"], self.prompt_format, **meta))
         if len(out) < n:
             raise RuntimeError(f"could only generate {len(out)} unique {split} items of {self.datasets}, asked {n}")
         return out
