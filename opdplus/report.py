@@ -31,6 +31,21 @@ CURVES = (
 )
 
 
+REFERENCE_LABELS = {"teacher": "teacher", "student_start": "student (start)"}
+SWEEP_FILE = "sweep.json"  # written by `opdplus sweep` into its output directory
+
+
+def saved_reference(paths: list[Path]) -> dict[str, dict[str, Any]] | None:
+    """The ``reference`` (teacher, starting student) a sweep saved in ``sweep.json`` in one of ``paths``."""
+    for path in paths:
+        sweep_file = Path(path) / SWEEP_FILE
+        if sweep_file.is_file():
+            reference = json.loads(sweep_file.read_text()).get("reference")
+            if reference:
+                return reference
+    return None
+
+
 def is_run(path: Path) -> bool:
     return (path / RESULT_FILE).is_file() or (path / METRICS_FILE).is_file()
 
@@ -222,10 +237,16 @@ def write_report(
     *,
     title: str = "Distillation report",
     command: str = "",
-    fixed_rows: list[dict[str, Any]] | None = None,
+    reference: dict[str, dict[str, Any]] | None = None,
     notes: str = "",
 ) -> Path:
-    """``report.md`` (table + plot + the command) and ``curves.png`` in ``out_dir``; returns report.md."""
+    """``report.md`` (table + plot + the command), ``curves.png`` and ``summary.json`` in ``out_dir``; returns
+    report.md.
+
+    ``reference``: the evaluation of the models the runs are measured against, keyed ``teacher`` and
+    ``student_start`` (``opdplus.world.evaluate.world_reference``), on the same held-out items as the runs;
+    without it, the ``reference`` a sweep saved in its ``sweep.json`` among ``run_dirs``, if any. It heads
+    the table and is written into summary.json beside the rows."""
     runs = [load_run(d) for d in find_runs(run_dirs)]
     if not runs:
         raise ValueError(
@@ -237,6 +258,9 @@ def write_report(
     parts = [f"# {title}", ""]
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
+    if reference is None:
+        reference = saved_reference(run_dirs)
+    fixed_rows = [{"method": REFERENCE_LABELS.get(key, key), **metrics} for key, metrics in (reference or {}).items()]
     parts += [markdown_table(aggregate(runs), fixed_rows), ""]
     parts += [
         "Sweep runs (result.json): accuracy by greedy decoding on held-out items (per task); held-out reverse KL: "
@@ -254,6 +278,7 @@ def write_report(
     (out_dir / "summary.json").write_text(
         json.dumps(
             {
+                **(reference or {}),
                 "rows": [{k: v for k, v in row.items()} for row in aggregate(runs)],
                 "runs": [{k: v for k, v in run.items() if k != "curve"} for run in runs],
             },

@@ -101,6 +101,8 @@ def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_it
 
 
 Evaluate = Callable[[RunSpec, Any, Path], dict[str, Any]]  # (spec, TrainConfig, checkpoint dir) -> metrics
+# (train config dict, held-out items per task) -> {"teacher": metrics, "student_start": metrics}
+Reference = Callable[[dict[str, Any], int], dict[str, dict[str, Any]]]
 
 
 def final_eval_metrics(result: Any) -> dict[str, Any]:
@@ -222,21 +224,31 @@ def run_sweep(
     workers: int | None = None,
     report: bool = True,
     evaluate: Evaluate | None = None,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Run a sweep (``data`` as ``load_sweep_file`` returns it, read from ``source``): its grid into ``out``
     (default: the file's ``out``), ``workers`` runs at a time (default: the file's ``workers``, else 2), each
-    evaluated with ``evaluate``; then ``report.md``."""
-    from opdplus.report import write_report
+    evaluated with ``evaluate``; then ``report.md``. ``reference`` evaluates the teacher and the starting
+    student on the runs' held-out items first; its result goes into ``sweep.json``, the report's table and
+    ``summary.json``."""
+    from opdplus.report import SWEEP_FILE, write_report
 
     out = Path(out or data.get("out", "runs/sweep"))
     out.mkdir(parents=True, exist_ok=True)
-    runs = expand_grid(data["train"], data["grid"], out, int(data.get("eval_items", 200)))
-    (out / "sweep.json").write_text(json.dumps({"config": str(source), "runs": [asdict(r) for r in runs]}, indent=2))
+    eval_items = int(data.get("eval_items", 200))
+    runs = expand_grid(data["train"], data["grid"], out, eval_items)
+    measured = reference(data["train"], eval_items) if reference is not None else None
+    record = {"config": str(source), "reference": measured, "runs": [asdict(r) for r in runs]}
+    (out / SWEEP_FILE).write_text(json.dumps(record, indent=2))
     print(f"sweep: {len(runs)} runs into {out}")
     results = run_grid(runs, workers=workers or int(data.get("workers", 2)), evaluate=evaluate)
     if report:
         path = write_report(
-            [Path(r.run_dir) for r in runs], out, title=f"Sweep {source}", command=f"opdplus sweep --config {source}"
+            [Path(r.run_dir) for r in runs],
+            out,
+            title=f"Sweep {source}",
+            command=f"opdplus sweep --config {source}",
+            reference=measured,
         )
         print(f"report: {path}")
     return {"out": str(out), "runs": len(results)}

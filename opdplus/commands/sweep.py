@@ -8,7 +8,7 @@ import json
 from opdplus.commands import line_buffered_stdout
 from opdplus.sweep import load_sweep_file, run_sweep
 from opdplus.world.build import resolve_world_models, uses_world_models
-from opdplus.world.evaluate import evaluate_run
+from opdplus.world.evaluate import evaluate_run, world_reference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     line_buffered_stdout()
     data = load_sweep_file(args.config)
-    evaluate = None  # each run's own held-out evaluation (eval/ metrics)
+    evaluate = reference = None  # each run's own held-out evaluation (eval/ metrics)
     if uses_world_models(data["train"]):  # the demo world: built when missing, evaluated its own way
-        data["train"], evaluate = resolve_world_models(data["train"]), evaluate_run
+        data["train"], evaluate, reference = resolve_world_models(data["train"]), evaluate_run, world_reference
     summary = run_sweep(
-        data, source=args.config, out=args.out, workers=args.workers, report=not args.no_report, evaluate=evaluate
+        data,
+        source=args.config,
+        out=args.out,
+        workers=args.workers,
+        report=not args.no_report,
+        evaluate=evaluate,
+        reference=reference,
     )
     print(json.dumps({"sweep": summary}))
     return 0

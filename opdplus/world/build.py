@@ -1,15 +1,17 @@
 """The demo world: a tokenizer, a teacher and a student for the synthetic math and tool-use tasks.
 
 ``ensure_world()`` returns the directories of a teacher and a student (HF ``save_pretrained`` dirs
-with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v1`` when missing:
+with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v2`` when missing:
 
 1. a byte-level BPE tokenizer trained on train-split texts of both tasks (bos/eos/pad, BOS added);
 2. a small Llama teacher (4 x 128) trained from scratch by supervised next-token training on
    prompt+solution (loss on the solution only) until greedy decoding solves 98% of dev items of
    both tasks (the held-out accuracy, on other items, is reported in ``world.json``);
 3. a student: the teacher pruned to ``student_layers`` of its layers (``opdplus.models.prune``),
-   then briefly trained the same way at a low learning rate, keeping the evaluated state closest
-   to ~30% dev accuracy on both tasks, so it starts well below the teacher but can learn.
+   then briefly trained the same way at a low learning rate, evaluated after every step and kept
+   at the state closest to ~30% dev accuracy on both tasks, so it starts well below the teacher but
+   can learn (trained by supervision alone, the same 2-layer student reaches ~99% on math,
+   ``docs/results/world.md``).
 
 Everything is seeded and the data order is fixed, so a rebuild gives the same models (up to
 floating-point differences between CPU thread counts). Accuracies are greedy
@@ -38,7 +40,7 @@ from opdplus.tasks.base import TaskItem, get_task
 from opdplus.tasks.synthetic import solution_of
 from opdplus.train.schedule import lr_factor
 
-WORLD_VERSION = "world-v1"
+WORLD_VERSION = "world-v2"  # bump whenever the build changes, so old caches are not reused
 WORLD_TASKS = ("synthetic_math", "synthetic_tool_use")
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 DEV_SEED = 1  # eval-split seed used to decide when training stops; reported accuracy uses seed 0
@@ -96,9 +98,9 @@ class WorldSpec:
     student_train: TrainSpec = TrainSpec(
         target_acc=0.30,
         max_steps=60,
-        lr=2e-4,
+        lr=1e-4,  # tool use jumps from ~0 to ~0.5 within two steps at 2e-4: park it by single steps
         warmup_steps=1,
-        eval_every=2,
+        eval_every=1,
         eval_items=100,
         stop_each_task=True,
         seed=1,

@@ -130,7 +130,7 @@ def run_demo(
         out,
         title="opdplus demo: OPD vs OPD+ on the synthetic world",
         command="opdplus demo",
-        fixed_rows=rows,
+        reference={"teacher": {k: v for k, v in rows[0].items() if k != "method"}, "student_start": start},
         notes=f"Teacher and student: `{paths.root}`. Total wall time {time.perf_counter() - started:.0f}s.",
     )
     print(f"\nreport: {report}\nplot:   {out / 'curves.png'}")

@@ -81,3 +81,22 @@ def evaluate_run(spec: RunSpec, cfg: Any, checkpoint: Path) -> dict[str, Any]:
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         tasks=tuple(cfg.data.tasks),
     )
+
+
+def world_reference(train: dict[str, Any], items: int) -> dict[str, dict[str, float]]:
+    """What a sweep of ``train`` (models resolved to directories) is measured against: the teacher's and the
+    starting student's evaluation on the same ``items`` held-out items per task as its runs
+    (``evaluate_run``), ``{"teacher": ..., "student_start": ...}``."""
+    from opdplus.models.load import load_model_and_tokenizer
+
+    student, tokenizer = load_model_and_tokenizer(train["student"]["model"])
+    teacher, _ = load_model_and_tokenizer(train["teacher"]["model"])
+    settings = {
+        "items": items,
+        "max_new_tokens": train.get("eval", {}).get("max_new_tokens") or train["rollout"]["max_new_tokens"],
+        "tasks": tuple(train["data"]["tasks"]),
+    }
+    return {
+        "teacher": evaluate_student(teacher, teacher, tokenizer, **settings),
+        "student_start": evaluate_student(student, teacher, tokenizer, **settings),
+    }

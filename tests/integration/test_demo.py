@@ -86,6 +86,37 @@ def test_expand_grid_and_world_models(world, tmp_path):
         expand_grid(resolved, {"lr": [1e-3]}, tmp_path, eval_items=5)
 
 
+def test_world_sweep_reports_teacher_and_starting_student(world, tmp_path):
+    """A world sweep evaluates the teacher and the starting student on the runs' held-out items and carries
+    them into sweep.json, the report's table and summary.json (also when re-reported from the directory)."""
+    from opdplus.report import write_report
+    from opdplus.sweep import run_sweep
+    from opdplus.world.demo import demo_train_config
+    from opdplus.world.evaluate import evaluate_run, world_reference
+
+    overrides = [*TINY_OVERRIDES, "eval.every=0", "eval.at_end=false"]
+    train = resolve_world_models(demo_train_config(1, overrides), world.root)
+    data = {"train": train, "grid": {"estimator": ["opd_plus"], "divergence": ["jsd"], "seed": [0]}, "eval_items": 3}
+    out = tmp_path / "sweep"
+    run_sweep(data, source="test", out=out, workers=1, evaluate=evaluate_run, reference=world_reference)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"teacher", "student_start", "rows", "runs"}
+    for key in ("teacher", "student_start"):
+        assert set(summary[key]) == {"math_acc", "tool_acc", "reverse_kl"}
+        assert 0 <= summary[key]["math_acc"] <= 1 and 0 <= summary[key]["tool_acc"] <= 1
+    assert summary["teacher"]["reverse_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["student_start"]["reverse_kl"] > 0
+    assert json.loads((out / "sweep.json").read_text())["reference"] == {
+        k: summary[k] for k in ("teacher", "student_start")
+    }
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[1].startswith("| teacher") and table[2].startswith("| student (start)")
+    # `opdplus report DIR` finds the reference in the sweep's directory
+    write_report([out], tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["teacher"] == summary["teacher"] and again["student_start"] == summary["student_start"]
+
+
 def test_parse_divergence():
     assert parse_divergence("jsd") == {"divergence": "jsd"}
     assert parse_divergence("alpha:0.5") == {"divergence": "alpha", "alpha": 0.5}
