@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -37,6 +37,8 @@ from opdplus.train.config import (
     setting,
     to_dict,
 )
+
+CompletionStyle = Literal["expression", "steps"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ class SftDataConfig:
     train_items: int = setting(2000, "train-split items (cycled when steps x batch exceeds them)")
     eval_items: int = setting(50, "held-out (eval-split) items scored at the end; 0 = no evaluation")
     eval_seed: int = setting(0, "seed of the held-out items (the train items use run.seed)")
+    completion: CompletionStyle = setting(
+        "expression",
+        "target of a math item: expression ('8 + 6 - 1 = \\boxed{13}') or steps, a chain of + and - reduced left to "
+        "right one operation at a time ('8 + 6 - 1 = 14 - 1 = \\boxed{13}')",
+    )
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,10 @@ def validate_sft(cfg: SftConfig) -> None:
 # ---------------------------------------------------------------- data
 
 
-def reference_completion(item: TaskItem) -> str:
+def reference_completion(item: TaskItem, style: CompletionStyle = "expression") -> str:
     """The target completion of an item: ``meta["solution"]`` when the task gives one; for math items a
-    short worked answer, ``"{expression} = \\boxed{answer}"`` (``meta["expression"]``, reasoning-gym's), or
+    short worked answer, ``"{expression} = \\boxed{answer}"`` (``meta["expression"]``, reasoning-gym's; with
+    ``style="steps"`` a chain of + and - is reduced one operation at a time, ``chain_steps``), or
     ``"\\boxed{answer}"``, which the math scorer parses (``opdplus.tasks.answers``)."""
     solution = item.meta.get("solution")
     if solution:
@@ -158,7 +166,31 @@ def reference_completion(item: TaskItem) -> str:
         )
     expression = item.meta.get("expression")
     boxed = f"\\boxed{{{item.answer}}}"
-    return f"{expression} = {boxed}" if expression else boxed
+    if not expression:
+        return boxed
+    steps = chain_steps(expression) if style == "steps" else None
+    if steps is None:
+        return f"{expression} = {boxed}"
+    if steps[-1] != str(item.answer).strip():
+        raise ValueError(f"item {item.id!r}: {expression!r} reduces to {steps[-1]}, but its answer is {item.answer!r}")
+    return " = ".join([expression, *steps[:-1], boxed])
+
+
+def chain_steps(expression: str) -> list[str] | None:
+    """The left-to-right reduction of a chain of integers joined by + and - (``"8 + 6 - 1"`` ->
+    ``["14 - 1", "13"]``: each entry has one operation fewer); ``None`` for anything else."""
+    parts = expression.split()
+    if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in ("+", "-") for op in parts[1::2]):
+        return None
+    try:
+        values = [int(term) for term in parts[0::2]]
+    except ValueError:
+        return None
+    steps, total = [], values[0]
+    for i, value in enumerate(values[1:]):
+        total = total + value if parts[2 * i + 1] == "+" else total - value
+        steps.append(" ".join([str(total), *parts[2 * i + 3 :]]))
+    return steps
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -172,7 +204,9 @@ def end_token_id(tokenizer: Any) -> int:
     return int(token)
 
 
-def sft_examples(tokenizer: Any, items: list[TaskItem]) -> list[dict[str, list[int]]]:
+def sft_examples(
+    tokenizer: Any, items: list[TaskItem], style: CompletionStyle = "expression"
+) -> list[dict[str, list[int]]]:
     """``{"input_ids", "completion_mask"}`` per item: the prompt ids exactly as the rollout sampler makes
     them, then the reference completion's ids and the end token (``completion_mask`` 1 = counts in the loss)."""
     from opdplus.rollout.sampler import tokenize_prompts
@@ -180,7 +214,7 @@ def sft_examples(tokenizer: Any, items: list[TaskItem]) -> list[dict[str, list[i
     end = end_token_id(tokenizer)
     out = []
     for item, prompt_ids in zip(items, tokenize_prompts(tokenizer, items)):
-        completion_ids = [*tokenizer(reference_completion(item), add_special_tokens=False).input_ids, end]
+        completion_ids = [*tokenizer(reference_completion(item, style), add_special_tokens=False).input_ids, end]
         out.append(
             {
                 "input_ids": [*prompt_ids, *completion_ids],
@@ -324,7 +358,7 @@ def sft(cfg: SftConfig) -> SftResult:
     )
     task = get_task(cfg.data.task, **cfg.data.task_options)
     train_items = task.items("train", cfg.data.train_items, seed=cfg.run.seed)
-    dataset = Dataset.from_list(sft_examples(tokenizer, train_items))
+    dataset = Dataset.from_list(sft_examples(tokenizer, train_items, cfg.data.completion))
     seconds["setup"] = time.perf_counter() - start
 
     trainer = SFTTrainer(

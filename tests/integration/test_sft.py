@@ -18,6 +18,7 @@ from opdplus.models.load import load_model_and_tokenizer  # noqa: E402
 from opdplus.tasks.base import TaskItem  # noqa: E402
 from opdplus.train.config import ConfigError  # noqa: E402
 from opdplus.train.sft import (  # noqa: E402
+    chain_steps,
     held_out_without_train,
     load_sft_config,
     reference_completion,
@@ -102,6 +103,21 @@ def test_reference_completion_of_a_math_item():
     assert reference_completion(TaskItem(id="b", task="math", prompt="p", answer="7")) == "\\boxed{7}"
     solved = TaskItem(id="c", task="math", prompt="p", answer="7", meta={"solution": "3 + 4 = 7"})
     assert reference_completion(solved) == "3 + 4 = 7"
+
+
+def test_steps_reduce_a_chain_left_to_right():
+    item = TaskItem(id="a", task="math", prompt="p", answer="13", meta={"expression": "8 + 6 - 1"})
+    assert reference_completion(item, "steps") == "8 + 6 - 1 = 14 - 1 = \\boxed{13}"
+    assert chain_steps("3 - 4 - 9 + -2") == ["-1 - 9 + -2", "-10 + -2", "-12"]
+    assert chain_steps("5 - 9") == ["-4"]
+    # not a flat chain of + and -: the expression form
+    for expression in ("( 3 + 4 )", "3 * 4", "7", "3 + x"):
+        assert chain_steps(expression) is None
+    odd = TaskItem(id="b", task="math", prompt="p", answer="12", meta={"expression": "3 * 4"})
+    assert reference_completion(odd, "steps") == "3 * 4 = \\boxed{12}"
+    wrong = TaskItem(id="c", task="math", prompt="p", answer="5", meta={"expression": "2 + 2"})
+    with pytest.raises(ValueError, match="reduces to 4"):
+        reference_completion(wrong, "steps")
 
 
 def test_examples_put_the_loss_on_the_completion_only(tiny_model_dir):
