@@ -28,7 +28,7 @@ import random
 from typing import Any
 
 from opdplus.tasks.base import TaskItem, register_task
-from opdplus.tasks.bfcl_match import match_calls, parse_calls
+from opdplus.tasks.bfcl_match import format_calls, match_calls, parse_calls, reference_calls
 from opdplus.tasks.data import check_split, package_file, read_jsonl, split_of
 from opdplus.tasks.math import PLAIN_STOP, cut_at_stop
 
@@ -133,6 +133,7 @@ class ToolUseTask:
             "category": record["category"],
             "functions": functions,
             "stop": list(PLAIN_STOP) if self.prompt_format == "plain" else [],
+            "solution": format_calls(reference_calls(record["ground_truth"])),  # a target for fine-tuning
         }
         if self.tool_prompt == "template" and self.prompt_format == "chat":
             meta["tools"] = [to_tool(f) for f in functions]

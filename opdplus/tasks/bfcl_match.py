@@ -84,6 +84,36 @@ def parse_calls(text: str) -> list[Call] | None:
     return None if re.match(r"\s*(?:[\[{]|[\w.]+\s*\()", text) else []  # an attempted call, or prose
 
 
+def format_calls(calls: list[Call]) -> str:
+    """Calls in the python syntax that ``parse_calls`` reads back: ``[f(a=1, b='x'), g()]``."""
+    return "[" + ", ".join(format_call(call) for call in calls) + "]"
+
+
+def format_call(call: Call) -> str:
+    """One call as BFCL writes it, ``name(arg=value, ...)`` with Python literals."""
+    ((name, arguments),) = call.items()
+    return f"{name}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})"
+
+
+def reference_calls(answer: list[Call]) -> list[Call]:
+    """One correct output for BFCL's ``possible_answer``: each argument's first acceptable value, arguments
+    whose first acceptable value is ``""`` (optional, may be left out) left out."""
+    return [{name: _first_values(arguments)} for call in answer for name, arguments in call.items()]
+
+
+def _first_values(acceptable: dict[str, list[Any]]) -> dict[str, Any]:
+    """Each key's first acceptable value (dicts inside, whose values are candidate lists too, likewise)."""
+    return {key: _one_value(values[0]) for key, values in acceptable.items() if values and values[0] != ""}
+
+
+def _one_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _first_values(value)
+    if isinstance(value, list):
+        return [_first_values(v) if isinstance(v, dict) else v for v in value]
+    return value
+
+
 def _parse_block(text: str) -> list[Call] | None:
     text = text.strip()
     if not text:
