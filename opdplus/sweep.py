@@ -6,6 +6,8 @@ A sweep file is YAML::
     out: runs/sweep                 # one sub-directory per run
     workers: 2                      # runs in parallel (one CPU thread each)
     eval_items: 200                 # held-out items per task for the final evaluation
+    evaluation: own                 # own: each run's last eval/ metrics; greedy: greedy accuracy on eval_items
+                                    # held-out items per task, one sample line per item (opdplus.eval.heldout)
     grid:
       estimator: [opd, opd_plus]
       divergence: [reverse_kl, forward_kl, jsd, "alpha:0.5"]   # "alpha:A" sets loss.alpha = A
@@ -25,6 +27,7 @@ for configs whose models say ``world:student`` / ``world:teacher``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import time
@@ -38,6 +41,9 @@ from typing import Any
 import torch
 
 RESULT_FILE = "result.json"
+# How each run's final student is evaluated: `own` = its own last held-out evaluation (eval/ metrics);
+# `greedy` = greedy accuracy on `eval_items` held-out items per task, samples written (opdplus.eval.heldout).
+EVALUATIONS = ("own", "greedy")
 GRID_KEYS = ("estimator", "divergence", "seed")
 
 
@@ -110,15 +116,47 @@ def final_eval_metrics(result: Any) -> dict[str, Any]:
     return {key: value for key, value in result.metrics.items() if key.startswith("eval/")}
 
 
+def spec_digest(spec: RunSpec) -> str:
+    """A short hash of everything that defines a run (its train config included): a finished run is reused
+    only when it is this run."""
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_result(spec: RunSpec) -> dict[str, Any] | None:
+    """The ``result.json`` of a run that already finished with exactly this spec, else None."""
+    try:
+        record = json.loads(Path(spec.run_dir, RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("spec") == spec_digest(spec) else None
+
+
+def _resumable(cfg: Any) -> bool:
+    """The run directory holds a checkpoint of this very run (a grid stopped mid-run): continue it."""
+    from opdplus.train.checkpoint import latest_checkpoint
+    from opdplus.train.run_dir import RunDirError, check_run_dir
+
+    run_dir = Path(cfg.run.dir)
+    try:
+        if not (run_dir / "config.yaml").is_file() or latest_checkpoint(run_dir) is None:
+            return False
+        check_run_dir(cfg, resume=True, overwrite=False)
+    except (RunDirError, ValueError, OSError):
+        return False
+    return True
+
+
 def run_one(spec: RunSpec, threads: int = 1, evaluate: Evaluate | None = None) -> dict[str, Any]:
-    """Train one run (overwriting its directory), evaluate the final student, write ``result.json``."""
+    """Train one run, evaluate the final student, write ``result.json``. A run that stopped after a checkpoint
+    continues from it; anything else in its directory is overwritten."""
     from opdplus.train.config import config_from_dict
     from opdplus.train.loop import train
 
     torch.set_num_threads(threads)
     cfg = config_from_dict(spec.train)
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = train(cfg, overwrite=True)
+    resume = _resumable(cfg)
+    result = train(cfg, resume=resume, overwrite=not resume)
     train_seconds = time.perf_counter() - started
     if evaluate is None:
         metrics = final_eval_metrics(result)
@@ -128,6 +166,8 @@ def run_one(spec: RunSpec, threads: int = 1, evaluate: Evaluate | None = None) -
         metrics = evaluate(spec, cfg, result.checkpoint)
     record = {
         "name": spec.name,
+        "spec": spec_digest(spec),
+        "resumed": resume,
         "method": spec.method,
         "estimator": spec.estimator,
         "divergence": spec.divergence,
@@ -170,15 +210,21 @@ def run_grid(
     ones."""
     results: dict[str, dict] = {}
     started = time.perf_counter()
+    for spec in runs:  # finished before (a grid run again after a stop): reused, not rerun
+        earlier = finished_result(spec)
+        if earlier is not None:
+            results[spec.name] = earlier
+            log(f"[{len(results)}/{len(runs)}] {spec.name}: finished earlier ({Path(spec.run_dir, RESULT_FILE)})")
+    todo = [spec for spec in runs if spec.name not in results]
     total_steps = {spec.name: int(spec.train.get("run", {}).get("steps", 0)) for spec in runs}
-    if workers <= 1:
-        for i, spec in enumerate(runs, 1):
-            log(f"[{i}/{len(runs)}] {spec.name} ...")
-            results[spec.name] = run_one(spec, evaluate=evaluate)
-            log(_done_line(results[spec.name], i, len(runs), started))
+    if workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            log(f"[{len(results) + 1}/{len(runs)}] {spec.name} ...")
+            results[spec.name] = run_one(spec, threads=max(workers, 1) if len(todo) == 1 else 1, evaluate=evaluate)
+            log(_done_line(results[spec.name], len(results), len(runs), started))
         return [results[spec.name] for spec in runs]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(run_one, spec, 1, evaluate): spec for spec in runs}
+        pending = {pool.submit(run_one, spec, 1, evaluate): spec for spec in todo}
         while pending:
             done, _ = wait(pending, timeout=poll_seconds, return_when=FIRST_COMPLETED)
             for future in done:
@@ -206,14 +252,29 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(data) - {"out", "workers", "eval_items", "grid", "train"}
+    unknown = set(data) - {"out", "workers", "eval_items", "evaluation", "grid", "train"}
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid: out, workers, eval_items, grid, train")
+        raise ValueError(
+            f"{path}: unknown keys {sorted(unknown)}; valid: out, workers, eval_items, evaluation, grid, train"
+        )
+    if data.get("evaluation", "own") not in EVALUATIONS:
+        raise ValueError(f"{path}: evaluation must be one of {', '.join(EVALUATIONS)}, got {data['evaluation']!r}")
     if "train" not in data or "grid" not in data:
         raise ValueError(f"{path}: needs `grid` and `train` sections")
     if isinstance(data["train"], str):  # a training preset, relative to the sweep file
         data["train"] = yaml.safe_load((Path(path).parent / data["train"]).read_text())
     return data
+
+
+def _saved_reference(out: Path, specs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The reference measured by an earlier start of the same grid (same runs, same configs), if any."""
+    from opdplus.report import SWEEP_FILE
+
+    try:
+        saved = json.loads((out / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("reference") if isinstance(saved, dict) and saved.get("runs") == specs else None
 
 
 def run_sweep(
@@ -237,8 +298,11 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     eval_items = int(data.get("eval_items", 200))
     runs = expand_grid(data["train"], data["grid"], out, eval_items)
-    measured = reference(data["train"], eval_items) if reference is not None else None
-    record = {"config": str(source), "reference": measured, "runs": [asdict(r) for r in runs]}
+    specs = [asdict(r) for r in runs]
+    measured = _saved_reference(out, specs) if reference is not None else None
+    if reference is not None and measured is None:
+        measured = reference(data["train"], eval_items)
+    record = {"config": str(source), "reference": measured, "runs": specs}
     (out / SWEEP_FILE).write_text(json.dumps(record, indent=2))
     print(f"sweep: {len(runs)} runs into {out}")
     results = run_grid(runs, workers=workers or int(data.get("workers", 2)), evaluate=evaluate)

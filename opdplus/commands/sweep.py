@@ -6,6 +6,7 @@ import argparse
 import json
 
 from opdplus.commands import line_buffered_stdout
+from opdplus.eval.heldout import evaluate_heldout_run, heldout_reference
 from opdplus.sweep import load_sweep_file, run_sweep
 from opdplus.world.build import resolve_world_models, uses_world_models
 from opdplus.world.evaluate import evaluate_run, world_reference
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     evaluate = reference = None  # each run's own held-out evaluation (eval/ metrics)
     if uses_world_models(data["train"]):  # the demo world: built when missing, evaluated its own way
         data["train"], evaluate, reference = resolve_world_models(data["train"]), evaluate_run, world_reference
+    elif data.get("evaluation") == "greedy":  # real tasks: greedy held-out accuracy with samples
+        evaluate, reference = evaluate_heldout_run, heldout_reference
     summary = run_sweep(
         data,
         source=args.config,

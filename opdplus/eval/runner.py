@@ -141,7 +141,7 @@ def greedy_accuracy(
     return scores
 
 
-def _parsed(task: Any, item: TaskItem, completion: str) -> Any:
+def parsed_completion(task: Any, item: TaskItem, completion: str) -> Any:
     parse = getattr(task, "parse", None)
     return parse(item, completion) if parse else None
 
@@ -173,7 +173,7 @@ def evaluate(
                 "id": item.id,
                 "prompt": render_prompt(tokenizer, item),
                 "completion": completion,
-                "parsed": _parsed(task, item, completion),
+                "parsed": parsed_completion(task, item, completion),
                 "correct": task.score(item, completion) == 1.0,
             }
             samples.append(record)
