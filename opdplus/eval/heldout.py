@@ -18,6 +18,11 @@ from opdplus.eval.runner import greedy_completions, held_out_items, parsed_compl
 from opdplus.tasks.base import Task, get_task
 
 SAMPLES_DIR = "samples"
+ACCURACY_KEYS = {"tool_use": "tool_acc"}  # the report's column names (opdplus.report.COLUMNS); else <task>_acc
+
+
+def accuracy_key(task: str) -> str:
+    return ACCURACY_KEYS.get(task, f"{task}_acc")
 
 
 def greedy_heldout(
@@ -31,7 +36,7 @@ def greedy_heldout(
     batch_size: int = 50,
     samples_dir: Path | None = None,
 ) -> dict[str, float]:
-    """``{"<task>_acc": mean score}`` of greedy completions on ``items`` held-out items per task; with
+    """``{accuracy_key(task): mean score}`` of greedy completions on ``items`` held-out items per task; with
     ``samples_dir``, one JSON line per item in ``samples_dir/<task>.jsonl``."""
     accuracy = {}
     for name, task_items in held_out_items(tasks, items, seed).items():
@@ -46,7 +51,7 @@ def greedy_heldout(
             }
             for item, text in zip(task_items, texts)
         ]
-        accuracy[f"{name}_acc"] = sum(r["correct"] for r in records) / max(len(records), 1)
+        accuracy[accuracy_key(name)] = sum(r["correct"] for r in records) / max(len(records), 1)
         if samples_dir is not None:
             samples_dir.mkdir(parents=True, exist_ok=True)
             lines = "".join(json.dumps(record, default=repr) + "\n" for record in records)

@@ -84,6 +84,7 @@ def test_a_grid_run_again_reuses_finished_runs_and_continues_a_stopped_one(tiny_
 
 def test_greedy_evaluation_writes_one_sample_per_held_out_item(tiny_train_config, tmp_path, capsys):
     from opdplus.commands import main
+    from opdplus.eval.heldout import accuracy_key
 
     train = to_dict(tiny_train_config(tmp_path / "unused", "run.steps=1", "eval.at_start=true", "eval.at_end=true"))
     sweep = {
@@ -101,10 +102,10 @@ def test_greedy_evaluation_writes_one_sample_per_held_out_item(tiny_train_config
     samples = [json.loads(line) for line in (run_dir / "samples" / f"{task}.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all({"id", "completion", "answer", "correct"} <= set(s) for s in samples)
     result = json.loads((run_dir / "result.json").read_text())
-    assert result[f"{task}_acc"] == sum(s["correct"] for s in samples) / 3
+    assert result[accuracy_key(task)] == sum(s["correct"] for s in samples) / 3
     assert {"eval/reverse_kl_start", "eval/reverse_kl_end"} <= set(result)
     reference = json.loads((tmp_path / "out" / "sweep.json").read_text())["reference"]
-    assert set(reference) == {"teacher", "student_start"} and f"{task}_acc" in reference["teacher"]
+    assert set(reference) == {"teacher", "student_start"} and accuracy_key(task) in reference["teacher"]
 
 
 def test_unknown_evaluation_is_named(tmp_path):
