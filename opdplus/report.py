@@ -36,14 +36,15 @@ SWEEP_FILE = "sweep.json"  # written by `opdplus sweep` into its output director
 
 
 def saved_reference(paths: list[Path]) -> dict[str, dict[str, Any]] | None:
-    """The ``reference`` (teacher, starting student) a sweep saved in ``sweep.json`` in one of ``paths``."""
+    """The ``reference`` (teacher, starting student) the sweeps saved in ``sweep.json`` in ``paths``, merged
+    (one sweep per task: the teacher's accuracy on each)."""
+    merged: dict[str, dict[str, Any]] = {}
     for path in paths:
         sweep_file = Path(path) / SWEEP_FILE
         if sweep_file.is_file():
-            reference = json.loads(sweep_file.read_text()).get("reference")
-            if reference:
-                return reference
-    return None
+            for role, metrics in (json.loads(sweep_file.read_text()).get("reference") or {}).items():
+                merged.setdefault(role, {}).update(metrics)
+    return merged or None
 
 
 def is_run(path: Path) -> bool:
@@ -165,6 +166,122 @@ def _cell(value: tuple[float, float] | None, key: str, n: int) -> str:
     return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+# t_{0.975} with df = n - 1 degrees of freedom: the 95% interval of a mean over n seeds
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_interval(values: list[float]) -> list[float] | None:
+    """95% interval of the mean of ``values`` from the t distribution (n - 1 degrees of freedom); None for n < 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, std = mean_std(values)
+    half = T_975.get(n - 1, 1.96) * std / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of a binomial proportion (a run's accuracy over its ``n`` items)."""
+    if n < 1:
+        return None
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+ACCURACY_TASKS = {"math_acc": "math", "tool_acc": "tool_use"}  # result key -> task name
+
+
+def task_summaries(runs: list[dict[str, Any]], reference: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """Per task with a greedy held-out accuracy in the runs' results: the teacher, the starting student and, per
+    method, ``acc_mean``, ``acc_std`` (ddof = 1), ``acc_ci95`` (t interval over seeds), ``acc_seeds``, each run's
+    Wilson interval over its items (``acc_run_ci95``) and the held-out KL at the start and the end (means)."""
+    tasks: dict[str, Any] = {}
+    for key, task in ACCURACY_TASKS.items():
+        scored = [run for run in runs if run.get(key) is not None]
+        if not scored:
+            continue
+        by_method: dict[str, list[dict]] = defaultdict(list)
+        for run in sorted(scored, key=lambda r: r.get("seed", 0)):
+            by_method[run["method"]].append(run)
+        methods = {}
+        for method, group in by_method.items():
+            accuracies = [float(run[key]) for run in group]
+            mean, std = mean_std(accuracies)
+            entry: dict[str, Any] = {
+                "acc_mean": mean,
+                "acc_std": std,
+                "acc_ci95": t_interval(accuracies),
+                "acc_seeds": accuracies,
+                "seeds": [run.get("seed") for run in group],
+                "acc_run_ci95": [
+                    wilson_interval(round(float(run[key]) * run["eval_items"]), run["eval_items"]) for run in group
+                ],
+            }
+            for kl in ("eval/reverse_kl_start", "eval/reverse_kl_end", "eval/forward_kl_start", "eval/forward_kl_end"):
+                values = [float(run[kl]) for run in group if run.get(kl) is not None]
+                if values:
+                    entry[kl.removeprefix("eval/")] = sum(values) / len(values)
+            methods[method] = entry
+        tasks[task] = {
+            "n_eval": max(int(run.get("eval_items", 0)) for run in scored),
+            "teacher": (reference or {}).get("teacher", {}).get(key),
+            "student_start": (reference or {}).get("student_start", {}).get(key),
+            "runs": methods,
+        }
+    return tasks
+
+
+def task_table(task: str, summary: dict[str, Any]) -> str:
+    """One task's markdown table: accuracy mean ± std, its 95% interval over seeds, the seeds, held-out KL."""
+
+    def kl(entry: dict[str, Any], name: str) -> str:
+        start, end = entry.get(f"{name}_start"), entry.get(f"{name}_end")
+        return "–" if start is None or end is None else f"{start:.3f} → {end:.3f}"
+
+    lines = [
+        f"**{task}** (greedy, {summary['n_eval']} held-out items; teacher {_number(summary['teacher'])}, "
+        f"starting student {_number(summary['student_start'])})",
+        "",
+        "| method | seeds | accuracy mean ± std | 95% interval (t) | per seed | reverse KL start → end "
+        "| forward KL start → end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in summary["runs"].items():
+        interval = entry["acc_ci95"]
+        shown = "–" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+        lines.append(
+            f"| {method} | {len(entry['acc_seeds'])} | {entry['acc_mean']:.3f} ± {entry['acc_std']:.3f} | {shown} | "
+            + ", ".join(f"{a:.3f}" for a in entry["acc_seeds"])
+            + f" | {kl(entry, 'reverse_kl')} | {kl(entry, 'forward_kl')} |"
+        )
+    return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.3f}"
+
+
+def copy_samples(runs: list[dict[str, Any]], out_dir: Path) -> int:
+    """Each run's final greedy samples (``<run>/samples/<task>.jsonl``) into
+    ``out_dir/samples/<task>/<estimator>-<divergence>_seed<k>.jsonl``; the number of files copied."""
+    copied = 0
+    for run in runs:
+        for source in sorted((Path(run["run_dir"]) / "samples").glob("*.jsonl")):
+            estimator, _, divergence = run["method"].partition("/")
+            target = (
+                out_dir
+                / "samples"
+                / source.stem
+                / f"{estimator}-{divergence.replace(':', '')}_seed{run.get('seed', 0)}.jsonl"
+            )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+            copied += 1
+    return copied
+
+
 def markdown_table(rows: list[dict[str, Any]], fixed_rows: list[dict[str, Any]] | None = None) -> str:
     """A markdown table of aggregated rows; ``fixed_rows`` (e.g. teacher, starting student) go first and
     hold plain numbers."""
@@ -194,6 +311,29 @@ def mean_curves(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[in
     return curves
 
 
+def curve_panels(runs: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """``(key, label, runs)`` per panel: ``CURVES`` over all runs, or, when the runs are of different tasks (one
+    sweep per task), each task's held-out score and reverse KL over that task's runs."""
+    tasks = sorted(
+        {key.split("/")[1] for run in runs for point in run["curve"] for key in point if _is_task_score(key)}
+    )
+    if len(tasks) < 2:
+        return [(key, label, runs) for key, label in CURVES]
+    panels = []
+    for task in tasks:
+        task_runs = [run for run in runs if any(f"eval/{task}/score" in point for point in run["curve"])]
+        panels += [
+            (f"eval/{task}/score", f"{task}: held-out score of samples (eval/{task}/score)", task_runs),
+            ("eval/reverse_kl", f"{task}: held-out reverse KL / token", task_runs),
+        ]
+    return panels
+
+
+def _is_task_score(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "eval" and parts[2] == "score"
+
+
 def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
     """A PNG with one panel per curve in ``CURVES``, one line per method (colour = divergence, solid =
     OPD+, dashed = stop-gradient OPD); None without matplotlib."""
@@ -204,11 +344,12 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
+    panels = curve_panels(runs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     divergences = sorted({method.split("/", 1)[-1] for method in {run["method"] for run in runs}})
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(divergences)}
-    for ax, (key, label) in zip(axes, CURVES):
-        for method, (steps, values) in sorted(mean_curves(runs, key).items()):
+    for ax, (key, label, panel_runs) in zip(axes[0], panels):
+        for method, (steps, values) in sorted(mean_curves(panel_runs, key).items()):
             estimator, _, divergence = method.partition("/")
             ax.plot(
                 steps,
@@ -222,7 +363,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -269,6 +410,18 @@ def write_report(
         "eval.score_decoding says; reverse KL estimated on the sampled tokens). n = seeds; mean ± sample std.",
         "",
     ]
+    tasks = task_summaries(runs, reference)
+    for task, summary in tasks.items():
+        parts += [task_table(task, summary), ""]
+    if tasks:
+        parts += [
+            "Per task: the final students' greedy accuracy on the held-out items (mean ± sample std over seeds, the "
+            "95% interval of the mean from the t distribution with seeds - 1 degrees of freedom); held-out KL per "
+            "token from the runs' own evaluation at step 0 and at the end (reverse on student samples, forward on "
+            "teacher samples). Each run's samples: `samples/<task>/<estimator>-<divergence>_seed<k>.jsonl`.",
+            "",
+        ]
+        copy_samples(runs, out_dir)
     if plot is not None:
         parts += [f"![learning curves]({plot.name})", ""]
     if notes:
@@ -279,6 +432,7 @@ def write_report(
         json.dumps(
             {
                 **(reference or {}),
+                **({"tasks": tasks} if tasks else {}),
                 "rows": [{k: v for k, v in row.items()} for row in aggregate(runs)],
                 "runs": [{k: v for k, v in run.items() if k != "curve"} for run in runs],
             },
