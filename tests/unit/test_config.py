@@ -300,3 +300,18 @@ def test_resume_translates_a_stored_config_with_old_keys(tmp_path, capsys):
     _check_renamed(cfg)
     assert cfg.run.steps == 5 and cfg.run.dir == str(run_dir)
     assert len(_warnings(capsys.readouterr().err)) == 4
+
+
+def test_every_sweep_spec_expands_to_valid_training_configs():
+    """configs/sweep.yaml and the real-model grids: every run of the grid is a valid training config."""
+    from opdplus.sweep import expand_grid, load_sweep_file
+    from opdplus.train.config import config_from_dict
+
+    specs = [REPO / "configs" / "sweep.yaml", *sorted((REPO / "configs" / "real_transfer").glob("*.yaml"))]
+    assert len(specs) >= 3
+    for path in specs:
+        data = load_sweep_file(path)
+        runs = expand_grid(data["train"], data["grid"], Path("runs/x"), int(data.get("eval_items", 200)))
+        assert len(runs) == (36 if path.name == "sweep.yaml" else 18), path
+        for run in runs:
+            assert isinstance(config_from_dict(run.train), TrainConfig), (path, run.name)
