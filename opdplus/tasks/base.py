@@ -79,6 +79,7 @@ _BUILTIN_TASK_MODULES: list[str] = [
     "opdplus.tasks.math",
     "opdplus.tasks.bfcl",
     "opdplus.envs.scripted",
+    "opdplus.envs.synthetic_lookup",
 ]
 
 

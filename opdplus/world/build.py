@@ -1,15 +1,17 @@
-"""The demo world: a tokenizer, a teacher and a student for the synthetic math and tool-use tasks.
+"""The demo world: a tokenizer, a teacher and a student for the synthetic math, tool-use and lookup tasks.
 
 ``ensure_world()`` returns the directories of a teacher and a student (HF ``save_pretrained`` dirs
-with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v2`` when missing:
+with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v3`` when missing:
 
-1. a byte-level BPE tokenizer trained on train-split texts of both tasks (bos/eos/pad, BOS added);
+1. a byte-level BPE tokenizer trained on train-split texts of every task (bos/eos/pad, BOS added);
 2. a small Llama teacher (4 x 128) trained from scratch by supervised next-token training on
    prompt+solution (loss on the solution only) until greedy decoding solves 98% of dev items of
-   both tasks (the held-out accuracy, on other items, is reported in ``world.json``);
+   every task (the held-out accuracy, on other items, is reported in ``world.json``); the multi-turn task
+   ``synthetic_lookup`` is trained on its reference episode (``encode_episodes``: loss on the assistant
+   turns only, the tool's reply framed as rollouts frame it) and evaluated by greedy episodes;
 3. a student: the teacher pruned to ``student_layers`` of its layers (``opdplus.models.prune``),
    then briefly trained the same way at a low learning rate, evaluated after every step and kept
-   at the state closest to ~30% dev accuracy on both tasks, so it starts well below the teacher but
+   at the state closest to ~30% dev accuracy on every task, so it starts well below the teacher but
    can learn (trained by supervision alone, the same 2-layer student reaches ~99% on math,
    ``docs/results/world.md``).
 
@@ -34,14 +36,19 @@ from typing import Any
 
 import torch
 
+from opdplus.envs.base import is_multi_turn
 from opdplus.eval.runner import greedy_accuracy, held_out_items
 from opdplus.models.prune import prune_to
+from opdplus.rollout.multiturn import EpisodeLimits, assistant_turn_of_text, plain_framing
 from opdplus.tasks.base import TaskItem, get_task
 from opdplus.tasks.synthetic import solution_of
 from opdplus.train.schedule import lr_factor
 
-WORLD_VERSION = "world-v2"  # bump whenever the build changes, so old caches are not reused
-WORLD_TASKS = ("synthetic_math", "synthetic_tool_use")
+WORLD_VERSION = "world-v3"  # bump whenever the build changes, so old caches are not reused
+WORLD_TASKS = ("synthetic_math", "synthetic_tool_use", "synthetic_lookup")
+# the bounds of a greedy episode of the multi-turn task (synthetic_lookup: a call, then the answer; per-turn
+# tokens are the caller's max_new_tokens)
+WORLD_LIMITS = EpisodeLimits(max_turns=3, max_new_tokens=48, max_episode_tokens=64, tool_timeout_s=0)
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 DEV_SEED = 1  # eval-split seed used to decide when training stops; reported accuracy uses seed 0
 
@@ -93,7 +100,7 @@ class WorldSpec:
     teacher: ModelSpec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
     student_layers: int = 2  # the student is the teacher pruned to this many layers (uniformly spread)
     teacher_train: TrainSpec = TrainSpec(
-        target_acc=0.98, max_steps=1000, eval_every=100, first_eval=600, eval_items=100
+        target_acc=0.98, max_steps=1500, eval_every=100, first_eval=600, eval_items=100
     )
     student_train: TrainSpec = TrainSpec(
         target_acc=0.30,
@@ -153,11 +160,39 @@ def world_paths(root: Path | None = None) -> WorldPaths:
 
 
 def world_texts(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> list[str]:
-    """prompt + solution of ``n_per_task`` train items of every task."""
+    """prompt + solution of ``n_per_task`` train items of every task (a multi-turn item's whole reference
+    episode, ``episode_segments``)."""
     texts = []
     for name in tasks:
-        texts += [item.prompt_text + solution_of(item) for item in get_task(name).items("train", n_per_task, seed)]
+        task = get_task(name)
+        texts += [item.prompt_text + reference_text(task, item) for item in task.items("train", n_per_task, seed)]
     return texts
+
+
+def reference_text(task, item: TaskItem) -> str:
+    """The text after the prompt that the teacher learns: the solution, or a multi-turn item's reference episode
+    (``episode_segments``, EOS not included)."""
+    if is_multi_turn(task):
+        return "".join(text for text, _ in episode_segments(task, item))
+    return solution_of(item)
+
+
+def episode_segments(task, item: TaskItem) -> list[tuple[str, bool]]:
+    """A multi-turn item's reference episode as ``(text, sampled)`` segments: its reference assistant turns
+    (``meta["turns"]``, sampled = True, each ended by EOS) and between them the environment's replies to
+    them, framed as rollouts frame them (``plain_framing``, sampled = False)."""
+    env = task.environment(item)
+    segments: list[tuple[str, bool]] = []
+    try:
+        for text in item.meta["turns"]:
+            segments.append((text, True))
+            reply = env.step(assistant_turn_of_text(text))
+            if reply.done:
+                break
+            segments.append((plain_framing(reply.messages), False))
+    finally:
+        env.close()
+    return segments
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -221,6 +256,31 @@ class Example:
     labels: list[int]  # -100 on BOS and prompt tokens
 
 
+def encode_episodes(tokenizer, task, items: list[TaskItem]) -> list[Example]:
+    """BOS + prompt + the reference episode (``episode_segments``) for each item of a multi-turn task, tokenized
+    the way a rollout sees it (prompt, each turn and each framed reply apart); labels on the assistant turns and
+    their EOS only."""
+    segments = [episode_segments(task, item) for item in items]
+    texts = [text for item_segments in segments for text, _ in item_segments]
+    segment_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    examples = []
+    for item_segments, prompt_ids in zip(segments, tokenizer([item.prompt for item in items])["input_ids"]):
+        ids, labels = list(prompt_ids), [-100] * len(prompt_ids)
+        for _, sampled in item_segments:
+            segment = next(segment_ids)
+            segment = segment + [tokenizer.eos_token_id] if sampled else segment
+            ids += segment
+            labels += segment if sampled else [-100] * len(segment)
+        examples.append(Example(input_ids=ids, labels=labels))
+    return examples
+
+
+def encode_task(tokenizer, name: str, items: list[TaskItem]) -> list[Example]:
+    """``encode_episodes`` for a multi-turn task, else ``encode_examples``."""
+    task = get_task(name)
+    return encode_episodes(tokenizer, task, items) if is_multi_turn(task) else encode_examples(tokenizer, items)
+
+
 def encode_examples(tokenizer, items: list[TaskItem]) -> list[Example]:
     """BOS + prompt + solution + EOS for each item, tokenized the way generation sees it (prompt and
     completion apart, batched for speed)."""
@@ -276,7 +336,7 @@ def train_until(
     )
 
     def dev_accuracy() -> dict[str, float]:
-        return greedy_accuracy(model, tokenizer, tasks, dev, max_new_tokens=max_new_tokens)
+        return greedy_accuracy(model, tokenizer, tasks, dev, max_new_tokens=max_new_tokens, limits=WORLD_LIMITS)
 
     active, step = sorted(pools), 0
     accuracy = dev_accuracy() if spec.stop_each_task else {name: 0.0 for name in pools}
@@ -346,7 +406,12 @@ def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpe
     fit = train_until(model, tokenizer, pools, train_spec, spec.max_new_tokens, log)
     tasks = {name: get_task(name) for name in spec.tasks}
     held_out = greedy_accuracy(
-        model, tokenizer, tasks, held_out_items(tasks, spec.eval_items, 0), max_new_tokens=spec.max_new_tokens
+        model,
+        tokenizer,
+        tasks,
+        held_out_items(tasks, spec.eval_items, 0),
+        max_new_tokens=spec.max_new_tokens,
+        limits=WORLD_LIMITS,
     )
     log("  held-out greedy accuracy " + "  ".join(f"{n}={a:.3f}" for n, a in held_out.items()))
     _save(model, tokenizer, out)
@@ -384,7 +449,7 @@ def _build_world(paths: WorldPaths, spec: WorldSpec, log: Log) -> dict:
     log(f"building the demo world in {paths.root} (tokenizer, teacher, student; a few minutes on a CPU)")
     tokenizer = train_tokenizer(world_texts(spec.tasks, spec.tokenizer_items), spec.vocab_size)
     tokenizer.save_pretrained(staging.tokenizer)
-    pools = {name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in spec.tasks}
+    pools = {name: encode_task(tokenizer, name, get_task(name).items("train", spec.train_pool)) for name in spec.tasks}
     summary: dict = {"version": WORLD_VERSION, "spec": asdict(spec), "vocab_size": len(tokenizer)}
     teacher = make_model(spec.teacher, tokenizer, seed=0)
     log(
