@@ -9,7 +9,8 @@ with the shared tokenizer), building them in ``$OPDPLUS_CACHE/world-v3`` when mi
    every task (the held-out accuracy, on other items, is reported in ``world.json``); the multi-turn task
    ``synthetic_lookup`` is trained on its reference episode (``encode_episodes``: loss on the assistant
    turns only, the tool's reply framed as rollouts frame it) and evaluated by greedy episodes;
-3. a student: the teacher pruned to ``student_layers`` of its layers (``opdplus.models.prune``),
+3. a student: the teacher (its state after ``student_from_step`` steps) pruned to ``student_layers`` of
+   its layers (``opdplus.models.prune``),
    then briefly trained the same way at a low learning rate, evaluated after every step and kept
    at the state closest to ~30% dev accuracy on every task, so it starts well below the teacher but
    can learn (trained by supervision alone, the same 2-layer student reaches ~99% on math,
