@@ -6,7 +6,17 @@ import argparse
 import json
 import sys
 
-from opdplus.check import OPD_PLUS_TOLERANCE, format_table, passed, run_check
+from opdplus.check import (
+    OPD_PLUS_TOLERANCE,
+    cross_tokenizer_passed,
+    format_cross_tokenizer_table,
+    format_table,
+    passed,
+    run_check,
+    run_cross_tokenizer_check,
+)
+
+CROSS_TOKENIZER_DEPTH = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     rows = run_check(args.vocab, args.depth, args.seed)
-    ok = passed(rows)
+    cross_rows = run_cross_tokenizer_check(CROSS_TOKENIZER_DEPTH, args.seed)
+    ok = passed(rows) and cross_tokenizer_passed(cross_rows)
     if args.json:
         print(
             json.dumps(
@@ -36,10 +47,17 @@ def run(args: argparse.Namespace) -> int:
                         "tolerance": OPD_PLUS_TOLERANCE,
                         "passed": ok,
                         "rows": rows,
+                        "cross_tokenizer": {
+                            "depth": CROSS_TOKENIZER_DEPTH,
+                            "passed": cross_tokenizer_passed(cross_rows),
+                            "rows": cross_rows,
+                        },
                     }
                 }
             )
         )
     else:
         print(format_table(rows, args.vocab, args.depth, args.seed))
+        print()
+        print(format_cross_tokenizer_table(cross_rows, CROSS_TOKENIZER_DEPTH, args.seed))
     return 0 if ok else 1
