@@ -279,13 +279,14 @@ class CrossTokenizerTeacher:
     # ------------------------------------------------------------------ scoring
 
     def teacher_prompt_ids(self, batch: RolloutBatch, row: int) -> list[int]:
-        """The row's prompt rendered with the teacher's chat template (``batch.meta[row]["prompt"]``), else the
-        student's prompt text tokenized by the teacher."""
+        """The row's prompt rendered with the teacher's chat template (``batch.meta[row]["prompt"]``); without
+        one (or a teacher without a chat template) the student's rendered prompt text tokenized by the teacher."""
         from opdplus.rollout.sampler import tokenize_prompts
         from opdplus.tasks.base import TaskItem
 
         meta = batch.meta[row] if row < len(batch.meta) else {}
-        if "prompt" in meta:
+        renders = isinstance(meta.get("prompt"), str) or bool(getattr(self.teacher_tokenizer, "chat_template", None))
+        if "prompt" in meta and renders:
             tools = {"tools": meta["tools"]} if meta.get("tools") else {}
             task = batch.tasks[row] if row < len(batch.tasks) else ""
             return tokenize_prompts(self.teacher_tokenizer, [TaskItem("", task, meta["prompt"], meta=tools)])[0]
