@@ -113,3 +113,27 @@ def test_different_tokenizers_with_topk_or_false_are_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"vocabulary mismatch"):
         train(cfg)
+
+
+def test_world_teacher_with_another_tokenizer_builds(tmp_path):
+    from transformers import AutoTokenizer
+
+    from opdplus.models.fingerprint import tokenizer_fingerprint
+    from opdplus.rollout.cross_tokenizer import TokenizerBytes
+    from opdplus.world.build import (
+        SMOKE_SPEC,
+        WORLD_TASKS,
+        ensure_cross_tokenizer_teacher,
+        train_tokenizer,
+        world_texts,
+    )
+
+    out = ensure_cross_tokenizer_teacher(tmp_path / "xtok", SMOKE_SPEC, log=lambda _: None)
+    assert (out / "config.json").exists() and (out / "world.json").exists()
+    teacher_tokenizer = AutoTokenizer.from_pretrained(out)
+    world_tokenizer = train_tokenizer(world_texts(WORLD_TASKS, SMOKE_SPEC.tokenizer_items), SMOKE_SPEC.vocab_size)
+    assert tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(world_tokenizer)
+    # pre-tokens are runs of non-space characters: " 6." is one, so "6." may still grow until a space follows
+    assert TokenizerBytes(teacher_tokenizer).final_bytes(b" 6. 6") == 3
+    assert TokenizerBytes(world_tokenizer).final_bytes(b" 6. 6") == 3
+    assert ensure_cross_tokenizer_teacher(tmp_path / "xtok", SMOKE_SPEC) == out  # cached
