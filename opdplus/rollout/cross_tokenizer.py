@@ -209,7 +209,7 @@ class CrossTokenizerTeacher:
         pending: tuple[list[Span], bytes] | None = None  # the text run the next token may still extend
         start = 0
         while start < len(ids):
-            if ids[start] in self.student.special_ids:
+            if self._is_atom(ids[start]):
                 if pending is not None:
                     closed_run = _count_final(pending[0], self.teacher.final_bytes(pending[1]))
                     final_counts.append(closed + closed_run)
@@ -225,7 +225,7 @@ class CrossTokenizerTeacher:
                 start += 1
                 continue
             stop = start
-            while stop < len(ids) and ids[stop] not in self.student.special_ids:
+            while stop < len(ids) and not self._is_atom(ids[stop]):
                 stop += 1
             run_spans, run_teacher, run_canonical, run_counts, data = self._align_text(ids[start:stop])
             offset_spans = [_shift(span, start, len(teacher_ids)) for span in run_spans]
@@ -241,6 +241,11 @@ class CrossTokenizerTeacher:
             own = bisect.bisect_right(starts, t) - 1
             return_from.append(starts[min(count, own)])
         return RowAlignment(spans, teacher_ids, canonical, return_from)
+
+    def _is_atom(self, token_id: int) -> bool:
+        """A special token, or an id the tokenizer does not know (a model head larger than the vocabulary):
+        a span of its own (masked when the teacher has no counterpart)."""
+        return token_id in self.student.special_ids or token_id >= len(self.student.byte_table)
 
     def _align_text(self, ids: list[int]) -> tuple[list[Span], list[int], list[bool], list[int], bytes]:
         """Spans of one run of text tokens, the teacher's ids, canonical flags, per token the number of this

@@ -91,6 +91,9 @@ class RolloutBatch:
         return replace(self, **{name: cut(getattr(self, name)) for name in _PER_TOKEN})
 
     def completion_lengths_B(self) -> torch.Tensor:
+        """Sampled tokens per row (with a span layout, also those of spans masked out of the loss)."""
+        if self.span_end_B_T is not None:
+            return (self.span_end_B_T >= 0).sum(-1)
         return self.loss_mask_B_T.sum(-1)
 
     def to(self, device: torch.device | str) -> RolloutBatch:

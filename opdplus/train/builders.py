@@ -119,13 +119,19 @@ def use_span_path(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, te
             f"{cfg.loss.teacher_signal} (over one vocabulary) cannot be used; set loss.teacher_signal=sampled "
             f"(or {key}.cross_tokenizer=false to require one tokenizer)"
         )
+    span_path = t.cross_tokenizer is True or (t.cross_tokenizer == "auto" and differ)
+    if span_path and cfg.eval.forward_kl:
+        raise ConfigError(
+            f"eval.forward_kl=true samples from the teacher with the student's tokenizer, but {key} scores across "
+            f"tokenizers; set eval.forward_kl=false (or {key}.cross_tokenizer=false with one tokenizer)"
+        )
     if t.cross_tokenizer == "auto" and differ:
         print(
             f"note: {key}'s tokenizer differs from the student's ({len(teacher_tokenizer)} vs "
             f"{len(student_tokenizer)} tokens): scoring spans of text across tokenizers ({key}.cross_tokenizer=auto)",
             file=sys.stderr,
         )
-    return t.cross_tokenizer is True or (t.cross_tokenizer == "auto" and differ)
+    return span_path
 
 
 def check_single_turn_teacher(teacher: Teacher, key: str = "rollout") -> None:

@@ -113,6 +113,11 @@ def test_different_tokenizers_with_topk_or_false_are_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"vocabulary mismatch"):
         train(cfg)
+    cfg = load_config(
+        REPO / "configs/tiny_cross_tokenizer.yaml", [*SHORT, "eval.forward_kl=true", f"run.dir={tmp_path / 'c'}"]
+    )
+    with pytest.raises(ConfigError, match=r"eval.forward_kl=true samples from the teacher"):
+        train(cfg)
 
 
 def test_world_teacher_with_another_tokenizer_builds(tmp_path):

@@ -221,3 +221,12 @@ def test_non_canonical_student_tokens_are_masked():
     assert row.canonical == [False]  # one span "ab" (the teacher's one token)
     row = cross.align_row(student("ab", add_special_tokens=False).input_ids)
     assert row.canonical == [True]
+
+
+def test_an_id_beyond_the_tokenizer_is_a_masked_span_of_its_own():
+    student, teacher = byte_level_tokenizer([]), byte_level_tokenizer([("a", "b")])
+    cross = CrossTokenizerTeacher(None, student, teacher)  # pyright: ignore[reportArgumentType]
+    ids = student("ab", add_special_tokens=False).input_ids
+    row = cross.align_row([ids[0], len(student) + 5, ids[1]])  # a model head larger than the vocabulary
+    assert [(s.student_start, s.student_stop) for s in row.spans] == [(0, 1), (1, 2), (2, 3)]
+    assert row.canonical == [True, False, True]
