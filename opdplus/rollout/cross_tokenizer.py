@@ -70,6 +70,7 @@ class TokenizerBytes:
         vocab = {index: token for token, index in tokenizer.get_vocab().items()}
         self.byte_table = [_token_bytes(vocab.get(i, ""), decoders) for i in range(max(vocab) + 1)]
         self.pre_tokenizer = self.backend.pre_tokenizer
+        self.normalizer = self.backend.normalizer
         model = spec.get("model") or {}
         self.merges_nothing = model.get("type") in ("BPE", "WordLevel") and not model.get("merges")
 
@@ -95,14 +96,19 @@ class TokenizerBytes:
 
     def final_bytes(self, data: bytes) -> int:
         """Leading bytes of ``data`` (a prefix of a longer text) whose tokenization no continuation can change:
-        everything before the last pre-token; everything for a tokenizer without merges; nothing when there
-        is no pre-tokenizer to bound the merges. Only the valid UTF-8 part of ``data`` counts."""
+        everything before the last pre-token of the normalized text (Gemma's pre-tokenizer splits on " ", which
+        its normalizer has already replaced by "▁", so nothing); everything for a tokenizer without merges;
+        nothing when there is no pre-tokenizer to bound the merges or the normalizer changes the length. Only
+        the valid UTF-8 part of ``data`` counts."""
         text = _valid_prefix(data).decode()
         if self.merges_nothing:
             return len(text.encode())
         if self.pre_tokenizer is None or not text:
             return 0
-        pieces = self.pre_tokenizer.pre_tokenize_str(text)
+        normalized = text if self.normalizer is None else self.normalizer.normalize_str(text)
+        if len(normalized) != len(text):  # offsets would not map back to the text: nothing is known final
+            return 0
+        pieces = self.pre_tokenizer.pre_tokenize_str(normalized)  # the pre-tokenizer sees normalized text
         if not pieces:
             return 0
         return len(text[: pieces[-1][1][0]].encode())

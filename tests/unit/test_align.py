@@ -230,3 +230,19 @@ def test_an_id_beyond_the_tokenizer_is_a_masked_span_of_its_own():
     row = cross.align_row([ids[0], len(student) + 5, ids[1]])  # a model head larger than the vocabulary
     assert [(s.student_start, s.student_stop) for s in row.spans] == [(0, 1), (1, 2), (2, 3)]
     assert row.canonical == [True, False, True]
+
+
+def test_a_gemma_style_tokenizer_bounds_no_merge_before_the_end():
+    """Gemma: the normalizer turns " " into "▁" before a pre-tokenizer that splits on " ", so merges are not
+    bounded by spaces and no prefix is final (the raw text would wrongly split at its spaces)."""
+    from tokenizers import normalizers
+
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "▁b": 4, "a▁": 5}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "▁"), ("▁", "b")], unk_token="<unk>"))
+    core.normalizer = normalizers.Replace(" ", "▁")  # pyright: ignore[reportAttributeAccessIssue]
+    core.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")  # pyright: ignore[reportAttributeAccessIssue]
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])  # pyright: ignore[reportAttributeAccessIssue]
+    gemma_like = _fast(core, unk_token="<unk>")
+    side = TokenizerBytes(gemma_like)
+    assert gemma_like.convert_ids_to_tokens(gemma_like("a b", add_special_tokens=False).input_ids) == ["a▁", "b"]
+    assert side.final_bytes(b"a b") == 0 and side.final_bytes(b"a ") == 0
