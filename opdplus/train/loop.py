@@ -18,7 +18,7 @@ import torch
 import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
-from opdplus.ops.advantages import advantages as compute_advantages
+from opdplus.rollout.cross_tokenizer import rollout_advantages, score_rollouts
 from opdplus.rollout.types import TopKTeacher
 from opdplus.train.builders import (
     build_divergence,
@@ -27,6 +27,7 @@ from opdplus.train.builders import (
     build_tasks,
     build_teacher,
     check_prompt_share,
+    check_single_turn_teacher,
     loss_tokens_per_row,
     prompts_for_step,
     sampling_settings,
@@ -74,6 +75,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         student, tokenizer = build_student(cfg, device)
         teacher = build_teacher(cfg, tokenizer, student, device)
         tasks = build_tasks(cfg, tokenizer)
+        check_single_turn_teacher(teacher, tasks)
         divergence = build_divergence(cfg.loss)
         run_dir, meta = open_run_dir(cfg, resume=resume, student_tokenizer=tokenizer, ctx=ctx)
 
@@ -126,7 +128,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
                 # --- score: the teacher's log-probs of the sampled tokens (and its top-k for that signal)
                 with timed("score", seconds, device):
-                    batch.teacher_logprobs_B_T = teacher.score(batch)
+                    score_rollouts(teacher, batch)  # a cross-tokenizer teacher also sets the span layout
                     if cfg.loss.teacher_signal == "topk":
                         assert isinstance(teacher, TopKTeacher)  # checked by the builder
                         batch.teacher_topk_ids_B_T_K, batch.teacher_topk_logprobs_B_T_K = teacher.score_topk(
@@ -146,10 +148,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                                 micro_batch_size=cfg.update.micro_batch_size,
                                 chunk_size=cfg.update.logprob_chunk_size,
                             )
-                    advantages_B_T = compute_advantages(
+                    advantages_B_T = rollout_advantages(
+                        batch,
                         rollout_student_lp_B_T,
-                        batch.teacher_logprobs_B_T,
-                        batch.loss_mask_B_T,
                         divergence=divergence,
                         estimator=cfg.loss.estimator,
                         gamma=cfg.loss.gamma,

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torch
 
 from opdplus.ops.advantages import log_ratio_clip_fraction, masked_log_ratio
+from opdplus.ops.align import alignment_metrics
 from opdplus.ops.divergences import Divergence
 from opdplus.rollout.types import RolloutBatch, Teacher
 from opdplus.train.config import TrainConfig, to_dict
@@ -338,6 +339,7 @@ def step_metrics(
             divergence, rollout_student_lp_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T, log_ratio_clip
         ),
         **per_task_reverse_kl(rollout_student_lp_B_T, batch),
+        **({} if batch.span_end_B_T is None else alignment_metrics(batch.span_end_B_T, batch.loss_mask_B_T)),
         **{f"adv/{k}": v for k, v in masked_stats(advantages_B_T, batch.loss_mask_B_T).items()},
         **rollout_metrics(batch),
         **{f"perf/{k}": v for k, v in teacher_usage(teacher).items()},
