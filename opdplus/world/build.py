@@ -160,13 +160,14 @@ def world_texts(tasks: tuple[str, ...], n_per_task: int, seed: int = 0) -> list[
     return texts
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (lossless decode) as a ``PreTrainedTokenizerFast`` that adds BOS."""
+def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: Any = None):
+    """A byte-level BPE tokenizer (lossless decode) as a ``PreTrainedTokenizerFast`` that adds BOS; pre-tokens
+    from ``pre_tokenizer`` (default: GPT-2's byte-level split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -460,36 +461,15 @@ def train_word_tokenizer(texts: list[str], vocab_size: int):
     (" 6.", ' {"name":'), so its merges cross the world tokenizer's punctuation boundaries: the same texts in
     another vocabulary, with tokens that span several of the world tokenizer's, and a tokenization that looks
     ahead to the next space (and, for runs of spaces, GPT-2's whitespace lookahead)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, pre_tokenizers
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r" ?\S+|\s+(?!\S)|\s+"), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer)
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, core.token_to_id(BOS))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        padding_side="left",
-        model_max_length=DEFAULT_SPEC.teacher.max_positions,
-    )
+    return train_tokenizer(texts, vocab_size, pre_tokenizer)
 
 
 def cross_tokenizer_teacher_dir(root: Path | None = None) -> Path:
