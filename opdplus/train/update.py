@@ -35,7 +35,8 @@ class MicroBatchLoss:
 
     loss: torch.Tensor
     student_logprobs_B_T: torch.Tensor  # at the current weights, with gradient
-    logged_sums: dict[str, float]  # metric -> sum over loss tokens (divided by the normalizer when logged)
+    # metric -> sum over loss tokens, a 0-d tensor on the device (read once per step, divided by the normalizer)
+    logged_sums: dict[str, torch.Tensor]
 
 
 class UpdateLoss(Protocol):
@@ -109,7 +110,7 @@ class PerPositionLoss:
             clip_eps=clip_eps,
             normalizer=normalizer,
         )
-        used = float(torch.where(mb.loss_mask_B_T, divergence_B_T.detach(), 0.0).sum())
+        used = torch.where(mb.loss_mask_B_T, divergence_B_T.detach(), 0.0).sum()
         return MicroBatchLoss(loss, student_lp_B_T, {f"div/{self.divergence.name}_{self.kind}": used})
 
     def divergence_of(
@@ -208,7 +209,9 @@ def update_policy(
     """``ppo_epochs`` optimizer steps on ``batch``; each accumulates gradients over micro-batches with the
     number of loss tokens in the whole step (summed over all processes) as the normalizer, so neither
     the micro-batch size nor the number of processes changes the update. DDP / FSDP average gradients
-    over processes, so the loss is multiplied by the world size."""
+    over processes, so the loss is multiplied by the world size. The logged sums stay on the device until the
+    micro-batches are done: one host-device sync per optimizer step (with the gradient norm), none per
+    micro-batch."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     normalizer = max(dist_utils.all_reduce_sum(count_loss_tokens(batch.loss_mask_B_T), ctx), 1.0)
@@ -216,20 +219,22 @@ def update_policy(
     losses, grad_norms, clip_fracs, lrs, logged, skipped = [], [], [], [], [], 0
     for _ in range(ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, clipped, logged_sums = 0.0, 0.0, {}
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=device)}
         for rows in micro_batch_slices(batch.batch_size, micro_batch_size):
             mb = trim_right_padding(batch.select(rows)).to(device)
             adv_B_T = advantages_B_T[rows, : mb.input_ids_B_T.shape[1]].to(device)
             out = loss.micro_batch(model, mb, adv_B_T, clip_eps=clip_eps, normalizer=normalizer, chunk_size=chunk_size)
             (out.loss * ctx.world_size).backward()
-            loss_sum += float(out.loss.detach())
-            for key, value in out.logged_sums.items():
-                logged_sums[key] = logged_sums.get(key, 0.0) + value
+            clipped = {}
             if clip_eps is not None:
                 frac = ratio_clip_fraction(
                     out.student_logprobs_B_T, mb.sampler_logprobs_B_T, adv_B_T, mb.loss_mask_B_T, clip_eps
                 )
-                clipped += float(frac) * count_loss_tokens(mb.loss_mask_B_T)
+                clipped["clipped"] = frac * mb.loss_mask_B_T.sum()
+            for key, value in {"loss": out.loss.detach(), **clipped, **out.logged_sums}.items():
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+        totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one read of the sums
+        loss_sum, clipped_sum = totals.pop("loss"), totals.pop("clipped", 0.0)
         grad_norm = dist_utils.total_grad_norm(params, max_grad_norm)
         lrs.append(optimizer.param_groups[0]["lr"])
         if math.isfinite(grad_norm):
@@ -239,8 +244,8 @@ def update_policy(
         scheduler.step()
         losses.append(dist_utils.all_reduce_sum(loss_sum, ctx))
         grad_norms.append(grad_norm)
-        clip_fracs.append(dist_utils.all_reduce_sum(clipped, ctx) / normalizer)
-        logged.append({k: dist_utils.all_reduce_sum(v, ctx) / normalizer for k, v in logged_sums.items()})
+        clip_fracs.append(dist_utils.all_reduce_sum(clipped_sum, ctx) / normalizer)
+        logged.append({k: dist_utils.all_reduce_sum(v, ctx) / normalizer for k, v in totals.items()})
     optimizer.zero_grad(set_to_none=True)
     return {
         "loss/policy": losses[0],
