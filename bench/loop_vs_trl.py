@@ -188,6 +188,8 @@ class _TRLTimer:
         def wrapper(*a, **k):
             out = fn(*a, **k)
             self.current["tokens"] += float(out["completion_mask"].sum())
+            # the real tokens the update's forward and backward run over (for model-FLOP utilisation)
+            self.current["update_tokens"] += float(out["prompt_mask"].sum()) + float(out["completion_mask"].sum())
             return out
 
         return wrapper
@@ -199,7 +201,13 @@ class _TRLTimer:
 
         class StepTimes(TrainerCallback):
             def on_step_begin(self, *a, **k):
-                timer.current = {"tokens": 0.0, "sample": 0.0, "score": 0.0, "start": time.perf_counter()}
+                timer.current = {
+                    "tokens": 0.0,
+                    "update_tokens": 0.0,
+                    "sample": 0.0,
+                    "score": 0.0,
+                    "start": time.perf_counter(),
+                }
 
             def on_step_end(self, *a, **k):
                 _sync(timer.trainer.args.device)
