@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import torch
 
 import opdplus.train.distributed as dist_utils
-from opdplus.models.forward import completion_logprobs, hidden_forward_of, softcapped
+from opdplus.models.forward import completion_logprobs, decoder_and_head, hidden_forward_of, softcapped
 from opdplus.ops.chunked import chunked_exact_divergence, chunked_topk_divergence
 from opdplus.ops.divergences import Divergence
+from opdplus.ops.fused_head import fused_head_loss
 from opdplus.ops.logprobs import shifted_completion_logprobs
 from opdplus.ops.loss import policy_loss, ratio_clip_fraction
 from opdplus.ops.signals import per_position_divergence_loss
@@ -66,6 +67,9 @@ class PolicyGradientLoss:
         normalizer: float,
         chunk_size: int,
     ) -> MicroBatchLoss:
+        weight_V_H = fusable_head_weight(model)
+        if weight_V_H is not None:
+            return self.fused(model, weight_V_H, mb, advantages_B_T, clip_eps, normalizer, chunk_size)
         student_lp_B_T = completion_logprobs(
             model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len, chunk_size=chunk_size
         )
@@ -78,6 +82,49 @@ class PolicyGradientLoss:
             normalizer=normalizer,
         )
         return MicroBatchLoss(loss, student_lp_B_T, {})
+
+    @staticmethod
+    def fused(
+        model: torch.nn.Module,
+        weight_V_H: torch.Tensor,
+        mb: RolloutBatch,
+        advantages_B_T: torch.Tensor,
+        clip_eps: float | None,
+        normalizer: float,
+        chunk_size: int,
+    ) -> MicroBatchLoss:
+        """The same loss with the LM head, log-probs and the loss's gradient in one pass per block of logits
+        (``opdplus.ops.fused_head``): no recompute of the head in the backward."""
+        start = mb.prompt_len
+        hidden_B_T_H = model(mb.input_ids_B_T, mb.attention_mask_B_T)
+
+        def token_loss(lp_B_c: torch.Tensor, cols: slice) -> torch.Tensor:
+            at = slice(start + cols.start, start + cols.start + lp_B_c.shape[1])
+            return policy_loss(
+                lp_B_c,
+                mb.sampler_logprobs_B_T[:, at],
+                advantages_B_T[:, at],
+                mb.loss_mask_B_T[:, at],
+                clip_eps=clip_eps,
+                normalizer=normalizer,
+            )
+
+        loss, lp_B_C = fused_head_loss(
+            hidden_B_T_H[:, start - 1 : -1], weight_V_H, mb.input_ids_B_T[:, start:], token_loss, chunk_size=chunk_size
+        )
+        student_lp_B_T = torch.cat([lp_B_C.new_zeros(mb.batch_size, start), lp_B_C], dim=1)
+        return MicroBatchLoss(loss, student_lp_B_T, {})
+
+
+def fusable_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight when the update can fuse head and loss: a ``HiddenForward`` policy (maybe in DDP)
+    whose logits are a plain bias-free ``nn.Linear`` without soft-capping, not sharded by FSDP; else None."""
+    policy = hidden_forward_of(model)
+    parts = decoder_and_head(policy.model) if policy is not None else None
+    if parts is None or parts[2] is not None or dist_utils.is_fsdp(model):
+        return None
+    head = parts[1]
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
 
 
 @dataclass(frozen=True)
