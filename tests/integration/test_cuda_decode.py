@@ -98,3 +98,34 @@ def test_cuda_graph_decode_equals_the_eager_static_step(tokenizer, greedy):
     tokens_e, logprobs_e = static_decode(eager, ids_B_P, mask_B_P, cuda_graph=False)
     assert torch.equal(tokens_g, tokens_e)
     torch.testing.assert_close(logprobs_g, logprobs_e, atol=1e-4, rtol=1e-4)
+
+
+def _decode_reads(tokenizer, monkeypatch, *, new_tokens: int, check_every: int) -> int:
+    """Tensor -> Python reads (a host-device sync on a GPU) made by one static decode of ``new_tokens``."""
+    model = make_model(tokenizer)
+    sampler = FastSampler(
+        model.eval(), tokenizer, SamplingSettings(max_new_tokens=new_tokens), torch.Generator().manual_seed(0)
+    )
+    sampler.eos_ids = [-1]  # no row stops, so every check runs
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, **kwargs):
+                reads.append(1)
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        tokens_B_C, _ = static_decode(sampler, *prompts(tokenizer), cuda_graph=False, check_every=check_every)
+    assert tokens_B_C.shape == (len(PROMPTS), new_tokens)
+    return len(reads)
+
+
+def test_static_decode_reads_the_device_per_check_not_per_token(tokenizer, monkeypatch):
+    """Without checks the reads do not grow with the tokens; each all-done check adds one."""
+    unchecked_12 = _decode_reads(tokenizer, monkeypatch, new_tokens=12, check_every=1000)
+    unchecked_24 = _decode_reads(tokenizer, monkeypatch, new_tokens=24, check_every=1000)
+    checked_24 = _decode_reads(tokenizer, monkeypatch, new_tokens=24, check_every=8)
+    assert unchecked_24 == unchecked_12
+    assert checked_24 == unchecked_24 + 2  # checks after tokens 8 and 16; after the 24th the loop just ends
