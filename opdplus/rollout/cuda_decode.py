@@ -44,8 +44,9 @@ class StaticLayer:
         self.key_buffer, self.value_buffer, self.column_1 = key_buffer, value_buffer, column_1
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.key_buffer.index_copy_(2, self.column_1, key_states)
-        self.value_buffer.index_copy_(2, self.column_1, value_states)
+        # (as PreallocatedLayer's copy_, in the dtype the prefill allocated the buffers with)
+        self.key_buffer.index_copy_(2, self.column_1, key_states.to(self.key_buffer.dtype))
+        self.value_buffer.index_copy_(2, self.column_1, value_states.to(self.value_buffer.dtype))
         return self.key_buffer, self.value_buffer
 
 
