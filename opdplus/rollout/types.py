@@ -97,7 +97,8 @@ class RolloutBatch:
         return self.loss_mask_B_T.sum(-1)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        """The batch on ``device``; from CPU to CUDA through pinned memory, without blocking the host."""
+        move = lambda t: None if t is None else to_device(t, torch.device(device))  # noqa: E731
         return replace(self, **{name: move(getattr(self, name)) for name in _TENSORS})
 
     def select(self, rows: slice | torch.Tensor | list[int]) -> RolloutBatch:
@@ -130,3 +131,11 @@ class TopKTeacher(Teacher, Protocol):
     ``score_topk(batch, k) -> (ids_B_T_K, logprobs_B_T_K)``, best first (``LocalTeacher``, ``HTTPTeacher``)."""
 
     def score_topk(self, batch: RolloutBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. A CPU tensor bound for CUDA is first copied to page-locked (pinned) memory, so the
+    copy to the GPU is asynchronous (``non_blocking``) and overlaps with queued kernels; otherwise ``.to``."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -27,6 +27,7 @@ from opdplus.rollout.teacher import LocalTeacher
 from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task, TaskItem, get_task
 from opdplus.train.config import ConfigError, LossConfig, SamplerName, TeacherConfig, TrainConfig, divergence_kwargs
+from opdplus.train.precision import enable_tf32
 
 if TYPE_CHECKING:
     from opdplus.rollout.http_teacher import HTTPTeacher
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The student model (LoRA-wrapped when enabled) and its tokenizer."""
+    """The student model (LoRA-wrapped when enabled) and its tokenizer; on CUDA, float32 matmuls use TF32."""
     s = cfg.student
+    enable_tf32(device)
     model, tokenizer = load_model_and_tokenizer(
         s.model, tokenizer=s.tokenizer, dtype=s.dtype, device=device, tiny=dataclasses.asdict(s.tiny)
     )

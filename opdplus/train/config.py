@@ -27,6 +27,7 @@ import yaml
 
 from opdplus.ops.advantages import Estimator
 from opdplus.train.distributed import ParallelMode
+from opdplus.train.precision import Precision
 
 Dtype = Literal["float32", "bfloat16", "float16"]  # parameter dtype
 SamplerName = Literal["hf", "fast"]  # hf: transformers generate (the reference) | fast: own decode loop
@@ -253,6 +254,9 @@ class RunConfig:
     steps: int = setting(10, "training steps")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps or xpu")
     threads: int = setting(0, "CPU threads for torch; 0 = torch's default (tiny models run fastest with 1)")
+    precision: Precision = setting(
+        "fp32", "fp32, or bf16-mixed: bfloat16 autocast for sampling and the update over float32 weights and AdamW"
+    )
     checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = setting(2, "newest checkpoints kept; 0 = keep all")
     progress: Progress = setting("auto", "auto (a bar on a TTY, plain lines otherwise), bar, plain or none")
@@ -646,6 +650,12 @@ def validate(cfg: TrainConfig) -> None:
         "(1 - beta2) * grad^2 underflows to 0 for gradients below ~8e-3, so the updates grow until the logits are "
         "inf/NaN (within 3 steps of configs/tiny.yaml); use student.dtype=bfloat16 (same memory, float32's range) "
         "or float32 (a float16 teacher is fine)",
+    )
+    _check(
+        run.precision != "bf16-mixed" or cfg.student.dtype == "float32",
+        f"run.precision=bf16-mixed keeps float32 master weights and optimizer state, so it needs "
+        f"student.dtype=float32 (got {cfg.student.dtype}); student.dtype=bfloat16 with run.precision=fp32 trains "
+        "in bfloat16 throughout",
     )
     _check(
         run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),

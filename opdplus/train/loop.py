@@ -43,6 +43,7 @@ from opdplus.train.metrics import (
     timed,
     truncate_metrics,
 )
+from opdplus.train.precision import autocast_for
 from opdplus.train.run_dir import check_run_dir, open_run_dir, remove_replaced_runs
 from opdplus.train.schedule import build_optimizer
 from opdplus.train.state import (
@@ -120,7 +121,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 seconds: dict[str, float] = {}
 
                 # --- sample: this step's prompts (a pure function of seed and step), completions of the student
-                with timed("sample", seconds, device):
+                with timed("sample", seconds, device), autocast_for(cfg.run.precision, device):
                     prompts = prompts_for_step(tasks, cfg.data.prompts_per_step, cfg.run.seed, step)
                     items = dist_utils.shard_for_rank(prompts, ctx)
                     with dist_utils.gathered(policy):
@@ -135,7 +136,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                             batch, cfg.loss.topk
                         )
 
-                with timed("update", seconds, device):
+                with timed("update", seconds, device), autocast_for(cfg.run.precision, device):
                     # --- advantages: from the log-probs of the policy that sampled; with temperature / top-k /
                     # top-p the sampler's distribution is not the student's, so pi_theta is recomputed
                     if settings.is_untempered:
@@ -187,8 +188,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     update_passes=cfg.update.ppo_epochs,
                     device=device,
                 )
-                tokens = float(count_loss_tokens(batch.loss_mask_B_T))
-                metrics = dist_utils.reduce_metrics(metrics, ctx, weight=tokens)
+                metrics = dist_utils.reduce_metrics(metrics, ctx, weight=float(count_loss_tokens(batch.loss_mask_B_T)))
 
                 # --- eval: held-out prompts every eval.every steps and at the end
                 if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):

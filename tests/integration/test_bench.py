@@ -125,3 +125,37 @@ def test_loop_vs_trl_bench_runs_both_trainers():
         assert result[side]["steps"] == 1 and result[side]["tokens_per_step"] == 8
         assert result[side]["peak_mem_mb"] > 0
     assert result["total_tok_s_ratio"] > 0 and result["peak_mem_ratio"] > 0
+
+
+def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
+    """``bench/gpu.py --tiny``: every phase in ``$OUT/gpu.jsonl`` and the whole result as the last line."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = bench_command.last_json_line(proc.stdout)["gpu"]
+    assert result["ours"]["total_tok_s"] > 0 and result["ours"]["steps"] == 1
+    assert result["bf16_check"]["ok"], result["bf16_check"]
+    assert "total_tok_s" in result["trl"] or "error" in result["trl"]
+    phases = [json.loads(line)["phase"] for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert phases[0] == "setup" and phases[-1] == "done" and {"ours", "trl", "bf16_check"} <= set(phases)
+
+
+def test_install_wheels_skips_installed_distributions(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_wheels", BENCH / "install_wheels.py")
+    assert spec is not None and spec.loader is not None
+    install_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install_wheels)
+    for name in ("torch-9.9.9-cp312-cp312-manylinux_2_28_x86_64.whl", "not_installed_pkg-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    todo, present = install_wheels.missing_wheels(tmp_path)
+    assert [w.name for w in todo] == ["not_installed_pkg-1.0-py3-none-any.whl"]
+    assert present[0].startswith("torch ")
+    assert install_wheels.distribution(tmp_path / "python_dateutil-4.0.0-py3-none-any.whl") == "python-dateutil"
