@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +356,48 @@ def bf16_check(device: Any, tokenizer: Any) -> dict:
     }
 
 
+# ---------------------------------------------------------------- decode paths
+
+
+def decode_paths(shape: dict, student: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
+    """Sampling tokens/s of the fast sampler's decode paths on one batch (the second of two calls each): the
+    static decode (a CUDA graph on CUDA), the dynamic one (shapes that change per token, a host read per
+    token) and, when asked, the dynamic one under ``torch.compile(dynamic=True)``; same prompts and precision."""
+    import torch
+
+    from opdplus.rollout import cuda_decode
+    from opdplus.rollout.fast_sampler import FastSampler
+    from opdplus.rollout.sampler import SamplingSettings
+    from opdplus.train.precision import autocast_for
+
+    settings = SamplingSettings(max_new_tokens=shape["new_tokens"], samples_per_prompt=1, batch_size=shape["batch"])
+    graph_decoder = cuda_decode.cuda_decoder_for
+    out: dict[str, Any] = {}
+    for path in args.decode_paths:
+        if path != "static":
+            cuda_decode.cuda_decoder_for = lambda sampler: None  # FastSampler.decode asks this module per call
+        try:
+            generator = torch.Generator(device=args.device).manual_seed(0)
+            sampler = FastSampler(student, tokenizer, settings, generator, compile=path == "compiled")
+            seconds = []
+            for call in range(2):
+                start = time.perf_counter()
+                with autocast_for(args.precision, args.device):
+                    batch = sampler.sample(prompts(shape["batch"], seed=100 + call))
+                sync(args.device)
+                seconds.append(time.perf_counter() - start)
+            out[f"{path}_tok_s"] = float(batch.loss_mask_B_T.sum()) / seconds[-1]
+            out[f"{path}_first_call_s"] = seconds[0]
+        except Exception as err:  # noqa: BLE001
+            out[f"{path}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        finally:
+            cuda_decode.cuda_decoder_for = graph_decoder
+    out["static_graph"] = args.device.type == "cuda"
+    if "static_tok_s" in out and "dynamic_tok_s" in out:
+        out["static_over_dynamic"] = out["static_tok_s"] / out["dynamic_tok_s"]
+    return out
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -392,6 +435,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="bf16-mixed")
     parser.add_argument("--no-trl", action="store_true", help="only our side")
     parser.add_argument("--out-dir", default=os.environ.get("OUT"), help="where gpu.jsonl goes (default $OUT)")
+    parser.add_argument(
+        "--decode-paths",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=["static", "dynamic"],
+        help="comma-separated decode paths to time: static, dynamic, compiled (default static,dynamic)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads with --tiny")
     return parser.parse_args(argv)
 
@@ -428,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - started,
         },
     )
-    ours = run_ours(args, shape, student, teacher, tokenizer, rec)
+    try:
+        ours = run_ours(args, shape, student, teacher, tokenizer, rec)
+    except Exception as err:  # noqa: BLE001  (report it; TRL and the checks still run)
+        ours = {"error": f"{type(err).__name__}: {str(err)[:500]}", "traceback": traceback.format_exc()[-2000:]}
     rec.phase("ours", ours)
     theirs: dict[str, Any] | None = None
     if not args.no_trl:
@@ -442,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             theirs = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
         rec.phase("trl", theirs)
     rec.phase("bf16_check", bf16_check(args.device, tokenizer))
+    rec.phase("decode_paths", decode_paths(shape, student, tokenizer, args))
     rec.result["ratios"] = {
         key: ratio(ours[key], theirs[key]) if theirs and key in theirs and ours.get(key) is not None else None
         for key in ("sample_tok_s", "score_tok_s", "update_tok_s", "total_tok_s", "peak_mem_gb")
@@ -452,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{parameters(teacher) / 1e6:.0f}M, vocab {shape['vocab']}, {shape['batch']} prompts x {shape['new_tokens']} "
         f"new tokens, {args.precision}, {args.steps} measured step(s) after {args.warmup} warm-up"
     )
+    if "error" in ours:
+        print(f"ours: {ours['error']}")
     print(side_table(ours, theirs if theirs and "error" not in theirs else None))
+    print(f"decode paths (sampling tok/s): {json.dumps(rec.result['decode_paths'])}")
     if theirs and "error" in theirs:
         print(f"trl: {theirs['error']}")
     print(f"bf16 vs fp32 (tiny model, one update step): {json.dumps(rec.result['bf16_check'])}")

@@ -50,7 +50,7 @@ QUICK = dict(
     new_tokens=32,
     steps=2,
     warmup=1,
-    rounds=2,
+    rounds=3,
 )
 FULL = dict(
     vocab=49152,
