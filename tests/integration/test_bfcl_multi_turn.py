@@ -60,6 +60,8 @@ def test_task_registered_multi_turn_with_a_fixed_split(task: BfclMultiTurnTask) 
     templated = BfclMultiTurnTask(tool_prompt="template").split_items("eval")[0]
     assert isinstance(templated.prompt, list) and '"name"' not in templated.prompt[0]["content"]
     assert templated.meta["tools"][0]["type"] == "function"
+    plain = BfclMultiTurnTask(prompt_format="plain").split_items("eval")[0].prompt
+    assert isinstance(plain, str) and '"name": "' in plain and plain.endswith("\n\nassistant:")
 
 
 def test_following_the_ground_truth_scores_one_and_records_calls_as_executed(task: BfclMultiTurnTask) -> None:
