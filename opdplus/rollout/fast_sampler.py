@@ -74,6 +74,21 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffers to hold at least ``capacity`` positions (a multi-turn episode continues past the
+        first turn's size); the filled prefix is kept."""
+        if capacity <= self.capacity:
+            return
+        if self.is_initialized:
+            for name in ("key_buffer", "value_buffer"):
+                old = getattr(self, name)
+                grown = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+                grown[:, :, : self.length].copy_(old[:, :, : self.length])
+                setattr(self, name, grown)
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+        self.capacity = capacity
+
     def get_max_length(self) -> int:
         return self.capacity
 
