@@ -1,4 +1,5 @@
-"""`opdplus check`: verify the OPD / OPD+ estimators by exact enumeration and print the table."""
+"""`opdplus check`: verify the OPD / OPD+ estimators by exact enumeration and print the tables (single sequences,
+and multi-turn episodes with an environment token)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,18 @@ import argparse
 import json
 import sys
 
-from opdplus.check import OPD_PLUS_TOLERANCE, format_table, passed, run_check
+from opdplus.check import (
+    MULTITURN_TURNS,
+    OPD_PLUS_TOLERANCE,
+    format_multiturn_table,
+    format_table,
+    multiturn_passed,
+    passed,
+    run_check,
+    run_multiturn_check,
+)
+
+MULTITURN_VOCAB = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     rows = run_check(args.vocab, args.depth, args.seed)
-    ok = passed(rows)
+    multiturn_rows = run_multiturn_check(MULTITURN_VOCAB, MULTITURN_TURNS, args.seed)
+    ok = passed(rows) and multiturn_passed(multiturn_rows)
     if args.json:
         print(
             json.dumps(
@@ -36,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
                         "tolerance": OPD_PLUS_TOLERANCE,
                         "passed": ok,
                         "rows": rows,
+                        "multiturn": {"vocab": MULTITURN_VOCAB, "turns": MULTITURN_TURNS, "rows": multiturn_rows},
                     }
                 }
             )
         )
     else:
         print(format_table(rows, args.vocab, args.depth, args.seed))
+        print()
+        print(format_multiturn_table(multiturn_rows, MULTITURN_VOCAB, MULTITURN_TURNS, args.seed))
     return 0 if ok else 1

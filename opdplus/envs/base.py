@@ -15,7 +15,7 @@ student and are False in ``loss_mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from opdplus.tasks.base import Task, TaskItem
 
@@ -67,5 +67,5 @@ class MultiTurnTask(Task, Protocol):
     def environment(self, item: TaskItem) -> Environment: ...
 
 
-def is_multi_turn(task: Task) -> bool:
+def is_multi_turn(task: Task) -> TypeGuard[MultiTurnTask]:
     return isinstance(task, MultiTurnTask)

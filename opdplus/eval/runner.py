@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import torch
 
+from opdplus.envs.base import MultiTurnTask, is_multi_turn
+from opdplus.rollout.multiturn import EpisodeLimits, EpisodeResult, run_episodes
 from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.rollout.types import RolloutBatch
 from opdplus.tasks.base import Task, TaskItem, get_task, render_prompt
@@ -101,6 +103,23 @@ def greedy_completions(
     return completion_texts(tokenizer, batch, items)
 
 
+def greedy_episodes(
+    model: Any,
+    tokenizer: Any,
+    task: MultiTurnTask,
+    items: list[TaskItem],
+    *,
+    limits: EpisodeLimits,
+    batch_size: int = 64,
+    sampler_cls: type = Sampler,
+) -> list[EpisodeResult]:
+    """One greedy episode per item of a multi-turn task (``run_episodes``; ``limits.max_new_tokens`` per turn)."""
+    device = next(model.parameters()).device
+    settings = SamplingSettings(max_new_tokens=limits.max_new_tokens, batch_size=batch_size, greedy=True)
+    sampler = sampler_cls(model, tokenizer, settings, torch.Generator(device=device))
+    return run_episodes(sampler, task, items, limits)[1]
+
+
 def held_out_items(tasks: dict[str, Task], n: int, seed: int) -> dict[str, list[TaskItem]]:
     """The first ``n`` eval-split items of every task, drawn with ``seed``."""
     return {name: task.items("eval", n, seed=seed) for name, task in tasks.items()}
@@ -129,11 +148,27 @@ def greedy_accuracy(
     max_new_tokens: int,
     batch_size: int = 256,
     sampler_cls: type = Sampler,
+    limits: EpisodeLimits | None = None,
 ) -> dict[str, float]:
     """Mean score of greedy completions per task; one decode per task, so a task's number does not
-    depend on the other tasks' prompts."""
+    depend on the other tasks' prompts. A multi-turn task's score is its mean greedy episode score (episodes
+    bounded by ``limits``, per-turn tokens ``max_new_tokens``)."""
     scores = {}
     for name, task_items in items_by_task.items():
+        task = tasks[name]
+        if is_multi_turn(task):
+            episode_limits = replace(limits or EpisodeLimits(), max_new_tokens=max_new_tokens)
+            results = greedy_episodes(
+                model,
+                tokenizer,
+                task,
+                task_items,
+                limits=episode_limits,
+                batch_size=batch_size,
+                sampler_cls=sampler_cls,
+            )
+            scores[name] = sum(r.score for r in results) / max(len(results), 1)
+            continue
         texts = greedy_completions(
             model, tokenizer, task_items, max_new_tokens=max_new_tokens, batch_size=batch_size, sampler_cls=sampler_cls
         )
@@ -157,9 +192,12 @@ def evaluate(
     samples_out: TextIO | None = None,
     progress: Callable[[int], object] | None = None,
     task_and_items: tuple[Any, list[TaskItem]] | None = None,
+    limits: EpisodeLimits | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` on ``eval_task``; one sample record per item (written to ``samples_out``).
-    ``task_and_items`` reuses what ``load_eval_items`` returned."""
+    ``task_and_items`` reuses what ``load_eval_items`` returned. A multi-turn task runs one greedy episode per
+    item (bounded by ``limits``, per-turn tokens ``max_new_tokens``): accuracy is the mean episode score, and a
+    record is ``id``, ``correct`` (score 1) and the environment's ``record()``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task, items = task_and_items or load_eval_items(eval_task, tokenizer, limit)
@@ -167,6 +205,19 @@ def evaluate(
     samples = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
+        if is_multi_turn(task):
+            episode_limits = replace(limits or EpisodeLimits(), max_new_tokens=max_new)
+            results = greedy_episodes(model, tokenizer, task, batch, limits=episode_limits, batch_size=batch_size)
+            for result in results:
+                record: dict[str, Any] = {"id": result.item_id, "correct": result.score == 1.0, "score": result.score}
+                record.update({k: v for k, v in result.record.items() if k not in record})
+                samples.append(record)
+                if samples_out is not None:
+                    samples_out.write(json.dumps(record, default=repr) + "\n")
+                    samples_out.flush()
+            if progress is not None:
+                progress(len(batch))
+            continue
         completions = greedy_completions(model, tokenizer, batch, max_new_tokens=max_new, batch_size=batch_size)
         for item, completion in zip(batch, completions):
             record = {
@@ -182,5 +233,5 @@ def evaluate(
                 samples_out.flush()
         if progress is not None:
             progress(len(batch))
-    accuracy = sum(s["correct"] for s in samples) / len(samples) if samples else 0.0
+    accuracy = sum(s.get("score", s["correct"]) for s in samples) / len(samples) if samples else 0.0
     return EvalResult(task=eval_task, n=len(samples), accuracy=accuracy, samples=samples)

@@ -447,3 +447,81 @@ def _episode_batch(episodes: list[_Episode], results: list[EpisodeResult], pad_i
         truncated_B=torch.tensor([r.truncated for r in results], dtype=torch.bool),
         meta=[{"item_id": ep.item.id, "sample": ep.sample, "episode": r.metrics()} for ep, r in zip(episodes, results)],
     )
+
+
+class EpisodeSampler:
+    """A sampler for a mix of tasks where some are multi-turn: ``sample(items)`` runs the items of multi-turn tasks
+    (matched by their tag, ``TaskItem.task``) as episodes with ``limits`` and the others as single completions of
+    ``sampler``, in one ``RolloutBatch`` whose rows follow the items (``samples_per_prompt`` each). An episode row's
+    meta has ``score`` and ``episode`` (its ``EpisodeResult.metrics()``); ``results`` holds the last call's
+    ``EpisodeResult``s."""
+
+    def __init__(self, sampler: Sampler, tasks: Sequence[MultiTurnTask], limits: EpisodeLimits) -> None:
+        self.sampler = sampler
+        self.tasks = list(tasks)
+        self.limits = limits
+        self.results: list[EpisodeResult] = []
+
+    @property
+    def settings(self):
+        return self.sampler.settings
+
+    def task_of(self, item: TaskItem) -> MultiTurnTask | None:
+        """The multi-turn task whose items carry ``item``'s tag (its name, or the tag of its items)."""
+        for task in self.tasks:
+            if item.task in (task.name, getattr(task, "tag", task.name)):
+                return task
+        return None
+
+    def sample(self, items: list[TaskItem]) -> RolloutBatch:
+        n = self.sampler.settings.samples_per_prompt
+        groups: dict[int, list[int]] = {}  # task index (-1: single-turn) -> item positions
+        for position, item in enumerate(items):
+            task = self.task_of(item)
+            groups.setdefault(-1 if task is None else self.tasks.index(task), []).append(position)
+        parts, order, self.results = [], [], []
+        for index, positions in groups.items():
+            group = [items[p] for p in positions]
+            if index < 0:
+                parts.append(self.sampler.sample(group))
+            else:
+                batch, results = run_episodes(self.sampler, self.tasks[index], group, self.limits)
+                for row, result in zip(batch.meta, results):
+                    row["score"] = result.score
+                parts.append(batch)
+                self.results += results
+            order += [p * n + j for p in positions for j in range(n)]
+        batch = concat_batches(parts, self.sampler.pad_id)
+        rows = sorted(range(len(order)), key=order.__getitem__)
+        return batch if rows == list(range(len(rows))) else batch.select(rows)
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """The rows of ``batches`` in one ``RolloutBatch``: prompts left-padded to the longest ``prompt_len``,
+    completions right-padded to the widest. Teacher fields must not be set yet."""
+    if len(batches) == 1:
+        return batches[0]
+    if any(b.teacher_logprobs_B_T is not None or b.teacher_topk_ids_B_T_K is not None for b in batches):
+        raise ValueError("concat_batches joins sampled batches before they are scored; these have teacher fields")
+    prompt_len = max(b.prompt_len for b in batches)
+    width = max(b.input_ids_B_T.shape[1] - b.prompt_len for b in batches)
+
+    def padded(b: RolloutBatch, name: str, value: float | int | bool) -> torch.Tensor:
+        x_B_T = getattr(b, name)
+        left = torch.full((b.batch_size, prompt_len - b.prompt_len), value, dtype=x_B_T.dtype)
+        right_width = width - (x_B_T.shape[1] - b.prompt_len)
+        right = torch.full((b.batch_size, right_width), value, dtype=x_B_T.dtype)
+        return torch.cat([left, x_B_T.cpu(), right], dim=1)
+
+    fills = {"input_ids_B_T": pad_id, "attention_mask_B_T": False, "loss_mask_B_T": False, "sampler_logprobs_B_T": 0.0}
+    truncated = [
+        b.truncated_B.cpu() if b.truncated_B is not None else torch.zeros(b.batch_size, dtype=torch.bool)
+        for b in batches
+    ]
+    return RolloutBatch(
+        **{name: torch.cat([padded(b, name, value) for b in batches]) for name, value in fills.items()},
+        prompt_len=prompt_len,
+        tasks=[t for b in batches for t in (b.tasks or [""] * b.batch_size)],
+        truncated_B=torch.cat(truncated),
+        meta=[m for b in batches for m in (b.meta or [{}] * b.batch_size)],
+    )

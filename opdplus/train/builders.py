@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from opdplus.envs.base import is_multi_turn
 from opdplus.models.load import (
     DeviceError,
     apply_lora,
@@ -29,6 +30,7 @@ from opdplus.train.config import ConfigError, LossConfig, SamplerName, TeacherCo
 
 if TYPE_CHECKING:
     from opdplus.rollout.http_teacher import HTTPTeacher
+    from opdplus.rollout.multiturn import EpisodeLimits, EpisodeSampler
 
 
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -229,6 +231,49 @@ def sampler_class(name: SamplerName) -> type:
 
         return FastSampler
     return Sampler
+
+
+def episode_limits(cfg: TrainConfig, max_new_tokens: int | None = None) -> EpisodeLimits:
+    """The bounds of a multi-turn episode from ``rollout``; ``max_new_tokens`` per turn overrides its own."""
+    from opdplus.rollout.multiturn import EpisodeLimits
+
+    r = cfg.rollout
+    return EpisodeLimits(
+        max_turns=r.max_turns,
+        max_new_tokens=max_new_tokens or r.max_new_tokens,
+        max_episode_tokens=r.max_episode_tokens,
+        tool_timeout_s=r.tool_timeout_s,
+    )
+
+
+def build_sampler(
+    cfg: TrainConfig,
+    tasks: dict[str, Task],
+    student: torch.nn.Module,
+    tokenizer: Any,
+    settings: SamplingSettings,
+    generator: torch.Generator,
+) -> Sampler | EpisodeSampler:
+    """The rollout sampler of ``rollout.sampler``; wrapped in an ``EpisodeSampler`` when a task is multi-turn
+    (its items run as episodes with ``episode_limits``)."""
+    sampler = sampler_class(cfg.rollout.sampler)(student, tokenizer, settings, generator)
+    multi_turn = {name: task for name, task in tasks.items() if is_multi_turn(task)}
+    if not multi_turn:
+        return sampler
+    from opdplus.rollout.multiturn import EpisodeSampler
+
+    return EpisodeSampler(sampler, list(multi_turn.values()), episode_limits(cfg))
+
+
+def loss_tokens_per_row(cfg: TrainConfig, tasks: dict[str, Task]) -> int | None:
+    """``loss.normalizer: constant``: the most sampled tokens a rollout can have (the loss is divided by the step's
+    rows times this); None for ``tokens`` (divided by the step's sampled tokens)."""
+    if cfg.loss.normalizer == "tokens":
+        return None
+    r = cfg.rollout
+    if any(is_multi_turn(task) for task in tasks.values()):
+        return min(r.max_turns * r.max_new_tokens, r.max_episode_tokens)
+    return r.max_new_tokens
 
 
 def prompts_for_step(tasks: dict[str, Task], prompts_per_step: int, seed: int, step: int) -> list[TaskItem]:

@@ -34,6 +34,7 @@ TeacherSignalName = Literal["sampled", "topk", "exact"]
 Schedule = Literal["constant", "linear", "cosine"]
 Progress = Literal["auto", "bar", "plain", "none"]
 ScoreDecoding = Literal["sample", "greedy"]
+Normalizer = Literal["tokens", "constant"]  # the loss's denominator: sampled tokens of the step | a fixed number
 
 # old dotted key -> its current name; presets, overrides and stored configs of resumed runs are translated
 RENAMED_KEYS: dict[str, str] = {
@@ -150,7 +151,9 @@ class DataConfig:
 class RolloutConfig:
     """Sampling the student's completions."""
 
-    max_new_tokens: int = setting(32, "tokens generated per completion at most")
+    max_new_tokens: int = setting(
+        32, "tokens generated per completion at most (per assistant turn in multi-turn tasks)"
+    )
     samples_per_prompt: int = setting(2, "completions per prompt")
     temperature: float = setting(1.0, "sampling temperature; != 1 makes rollouts off-policy (a warning is printed)")
     top_k: int = setting(0, "sample from the k most likely tokens; 0 = off")
@@ -158,6 +161,13 @@ class RolloutConfig:
     batch_size: int = setting(64, "rows per generate call")
     sampler: SamplerName = setting(
         "hf", "hf: transformers generate (the reference); fast: own decode loop, same output"
+    )
+    max_turns: int = setting(4, "multi-turn tasks: assistant turns per episode at most")
+    max_episode_tokens: int = setting(
+        1024, "multi-turn tasks: tokens after the opening prompt (student + environment) per episode at most"
+    )
+    tool_timeout_s: float = setting(
+        30.0, "multi-turn tasks: seconds an environment step may take; a slower one ends the episode (0 = no limit)"
     )
 
 
@@ -177,6 +187,11 @@ class LossConfig:
         "sampled", "sampled: log-ratio of the sampled token; topk: teacher's top-k + tail; exact: full vocabulary"
     )
     topk: int = setting(20, "teacher_signal=topk: the teacher's top-k tokens plus one tail bucket")
+    normalizer: Normalizer = setting(
+        "tokens",
+        "tokens: divide the step's loss by its sampled tokens (a ratio estimator: O(1/N) bias, long rollouts weigh "
+        "less per token); constant: by rollouts x rollout.max_new_tokens (unbiased, fixed scale)",
+    )
 
 
 @dataclass(frozen=True)
@@ -660,6 +675,13 @@ def validate(cfg: TrainConfig) -> None:
     _check(rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)")
     _check(0.0 < rollout.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {rollout.top_p}")
     _check(rollout.batch_size >= 1, "rollout.batch_size must be >= 1")
+    _check(rollout.max_turns >= 1, f"rollout.max_turns must be >= 1, got {rollout.max_turns}")
+    _check(
+        rollout.max_episode_tokens >= 1, f"rollout.max_episode_tokens must be >= 1, got {rollout.max_episode_tokens}"
+    )
+    _check(
+        rollout.tool_timeout_s >= 0, f"rollout.tool_timeout_s must be >= 0 (0 = no limit), got {rollout.tool_timeout_s}"
+    )
     _check(0.0 <= loss.gamma <= 1.0, f"loss.gamma must be in [0, 1], got {loss.gamma}")
     _check(loss.log_ratio_clip is None or loss.log_ratio_clip > 0, "loss.log_ratio_clip must be > 0 or null")
     _check(

@@ -15,14 +15,19 @@ from typing import Any
 
 import torch
 
-from opdplus.eval.runner import completion_texts, greedy_accuracy, held_out_items, mean_scores
+import opdplus.train.distributed as dist_utils
+from opdplus.envs.base import is_multi_turn
+from opdplus.eval.runner import completion_texts, greedy_accuracy, held_out_items
 from opdplus.models.forward import completion_logprobs
 from opdplus.ops.advantages import masked_log_ratio
 from opdplus.ops.divergences import get_divergence
+from opdplus.rollout.multiturn import EpisodeLimits, EpisodeSampler
 from opdplus.rollout.sampler import Sampler, SamplingSettings
-from opdplus.rollout.types import Teacher
+from opdplus.rollout.types import RolloutBatch, Teacher
 from opdplus.tasks.base import Task, TaskItem
-from opdplus.train.metrics import masked_mean
+from opdplus.train.builders import episode_limits, sampler_class
+from opdplus.train.config import TrainConfig
+from opdplus.train.metrics import masked_mean, timed
 
 
 def sampled_kl_B_T(
@@ -48,11 +53,14 @@ def evaluate(
     score_decoding: str = "sample",
     sampler_cls: type = Sampler,
     forward_kl: bool = False,
+    limits: EpisodeLimits | None = None,
 ) -> dict[str, float]:
     """``eval/reverse_kl`` (per token), ``eval/reverse_kl_seq`` (per completion) and ``eval/len_mean`` on
     student samples (temperature 1) for ``num_prompts`` items per task, and task scores (``eval/<task>/score``,
     mean ``eval/score``) of those samples, or of greedy completions when ``score_decoding="greedy"``.
-    With ``forward_kl``, also ``eval/forward_kl`` on teacher samples (see ``forward_kl_on_teacher_samples``)."""
+    With ``forward_kl``, also ``eval/forward_kl`` on teacher samples (see ``forward_kl_on_teacher_samples``).
+    Items of multi-turn tasks run as episodes bounded by ``limits`` (per-turn tokens: ``max_new_tokens``); their
+    score is the episode's, and the divergences count the student's tokens of the whole trajectory."""
     if score_decoding not in ("sample", "greedy"):
         raise ValueError(f"score_decoding must be sample or greedy, got {score_decoding!r}")
     device = next(model.parameters()).device
@@ -60,7 +68,10 @@ def evaluate(
     settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     items_by_task = held_out_items(tasks, num_prompts, seed)
     items: list[TaskItem] = [item for task_items in items_by_task.values() for item in task_items]
-    batch = sampler_cls(model, tokenizer, settings, generator).sample(items)
+    limits = replace(limits or EpisodeLimits(), max_new_tokens=max_new_tokens)
+    multi_turn = [task for task in tasks.values() if is_multi_turn(task)]
+    sampler = sampler_cls(model, tokenizer, settings, generator)
+    batch = (EpisodeSampler(sampler, multi_turn, limits) if multi_turn else sampler).sample(items)
     batch.teacher_logprobs_B_T = teacher.score(batch)
     if score_decoding == "greedy":
         scores = greedy_accuracy(
@@ -71,9 +82,10 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             sampler_cls=sampler_cls,
+            limits=limits,
         )
     else:
-        scores = mean_scores(tasks, items_by_task, completion_texts(tokenizer, batch, items))
+        scores = sampled_scores(tasks, items_by_task, tokenizer, batch, items)
     kl_B_T = sampled_kl_B_T(batch.sampler_logprobs_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T)
     metrics = {
         "eval/reverse_kl": masked_mean(kl_B_T, batch.loss_mask_B_T),
@@ -87,6 +99,51 @@ def evaluate(
             model, tokenizer, teacher, items_by_task, settings, seed=seed, sampler_cls=sampler_cls
         )
     return metrics
+
+
+def sampled_scores(
+    tasks: dict[str, Task], items_by_task: dict[str, list[TaskItem]], tokenizer: Any, batch: RolloutBatch, items: list
+) -> dict[str, float]:
+    """Mean score per task of the batch's rows (one per item, in order): an episode's own score (``meta["score"]``),
+    else the task's score of the completion text."""
+    texts = completion_texts(tokenizer, batch, items)
+    scores, row = {}, 0
+    for name, task_items in items_by_task.items():
+        total = 0.0
+        for item in task_items:
+            meta = batch.meta[row] if batch.meta else {}
+            total += meta["score"] if "score" in meta else tasks[name].score(item, texts[row])
+            row += 1
+        scores[name] = total / max(len(task_items), 1)
+    return scores
+
+
+def held_out_metrics(
+    cfg: TrainConfig,
+    policy: torch.nn.Module,
+    student: torch.nn.Module,
+    tokenizer: Any,
+    teacher: Teacher,
+    tasks: dict[str, Task],
+) -> dict[str, float]:
+    """``eval/...`` on held-out prompts (their own generator: training is not perturbed) and ``perf/eval_s``."""
+    seconds: dict[str, float] = {}
+    with timed("eval", seconds), dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
+        result = evaluate(
+            student,
+            tokenizer,
+            teacher,
+            tasks,
+            num_prompts=cfg.eval.num_prompts,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            seed=cfg.eval.seed,
+            batch_size=cfg.rollout.batch_size,
+            score_decoding=cfg.eval.score_decoding,
+            sampler_cls=sampler_class(cfg.rollout.sampler),
+            forward_kl=cfg.eval.forward_kl,
+            limits=episode_limits(cfg, cfg.eval.max_new_tokens),
+        )
+    return {**result, "perf/eval_s": seconds["eval"]}
 
 
 def local_teacher_model(teacher: Teacher, task: str) -> tuple[torch.nn.Module, float]:

@@ -12,16 +12,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+import opdplus.train.builders as builders
 import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
 from opdplus.ops.advantages import advantages as compute_advantages
-from opdplus.rollout.types import Teacher, TopKTeacher
-from opdplus.tasks.base import Task
+from opdplus.rollout.types import TopKTeacher
 from opdplus.train.builders import (
     build_divergence,
     build_student,
@@ -29,11 +28,10 @@ from opdplus.train.builders import (
     build_teacher,
     check_prompt_share,
     prompts_for_step,
-    sampler_class,
     sampling_settings,
 )
 from opdplus.train.config import TrainConfig
-from opdplus.train.evaluate import evaluate
+from opdplus.train.evaluate import held_out_metrics
 from opdplus.train.metrics import (
     count_loss_tokens,
     open_metrics_writer,
@@ -88,7 +86,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         optimizer, scheduler = build_optimizer(policy, cfg)
         generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.run.seed, ctx.rank))
         settings = sampling_settings(cfg)
-        sampler = sampler_class(cfg.rollout.sampler)(student, tokenizer, settings, generator)
+        sampler = builders.build_sampler(cfg, tasks, student, tokenizer, settings, generator)
         update_loss = update_loss_for(cfg.loss, divergence, teacher)
         start_step = (
             0
@@ -171,6 +169,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         chunk_size=cfg.update.logprob_chunk_size,
                         loss=update_loss,
                         ctx=ctx,
+                        tokens_per_row=builders.loss_tokens_per_row(cfg, tasks),
                     )
 
                 # --- log: what the step did, per loss token, averaged over processes
@@ -206,33 +205,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
 
 # ---------------------------------------------------------------- what train() runs in
-
-
-def held_out_metrics(
-    cfg: TrainConfig,
-    policy: torch.nn.Module,
-    student: torch.nn.Module,
-    tokenizer: Any,
-    teacher: Teacher,
-    tasks: dict[str, Task],
-) -> dict[str, float]:
-    """``eval/...`` on held-out prompts (their own generator: training is not perturbed) and ``perf/eval_s``."""
-    seconds: dict[str, float] = {}
-    with timed("eval", seconds), dist_utils.gathered(policy):  # a collective under FSDP: every rank evaluates
-        result = evaluate(
-            student,
-            tokenizer,
-            teacher,
-            tasks,
-            num_prompts=cfg.eval.num_prompts,
-            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-            seed=cfg.eval.seed,
-            batch_size=cfg.rollout.batch_size,
-            score_decoding=cfg.eval.score_decoding,
-            sampler_cls=sampler_class(cfg.rollout.sampler),
-            forward_kl=cfg.eval.forward_kl,
-        )
-    return {**result, "perf/eval_s": seconds["eval"]}
 
 
 @contextmanager

@@ -115,7 +115,20 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "rollout/truncated_frac": float(truncated_B.double().mean()),
         "rollout/tokens": float(lengths_B.sum()),
         "rollout/sequences": float(batch.batch_size),
+        **episode_metrics(batch),
     }
+
+
+EPISODE_METRICS = ("turns", "tool_calls", "tool_errors", "parse_failures", "env_tokens")
+
+
+def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """``rollout/{turns,tool_calls,tool_errors,parse_failures,env_tokens}``: means over the batch's multi-turn
+    episodes (rows whose meta has ``episode``, see ``opdplus.rollout.multiturn``); nothing when it has none."""
+    episodes = [row["episode"] for row in batch.meta if "episode" in row]
+    if not episodes:
+        return {}
+    return {f"rollout/{name}": sum(float(e[name]) for e in episodes) / len(episodes) for name in EPISODE_METRICS}
 
 
 def teacher_usage(teacher: Teacher) -> dict[str, float]:

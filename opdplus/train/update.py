@@ -204,14 +204,19 @@ def update_policy(
     chunk_size: int = 256,
     loss: UpdateLoss = PolicyGradientLoss(),
     ctx: DistContext = DistContext(),
+    tokens_per_row: int | None = None,
 ) -> dict[str, float]:
     """``ppo_epochs`` optimizer steps on ``batch``; each accumulates gradients over micro-batches with the
     number of loss tokens in the whole step (summed over all processes) as the normalizer, so neither
     the micro-batch size nor the number of processes changes the update. DDP / FSDP average gradients
-    over processes, so the loss is multiplied by the world size."""
+    over processes, so the loss is multiplied by the world size. With ``tokens_per_row`` (``loss.normalizer:
+    constant``) the loss is divided by the step's rows times that number instead; logged metrics stay per token."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     normalizer = max(dist_utils.all_reduce_sum(count_loss_tokens(batch.loss_mask_B_T), ctx), 1.0)
+    loss_normalizer = normalizer
+    if tokens_per_row is not None:
+        loss_normalizer = dist_utils.all_reduce_sum(float(batch.batch_size), ctx) * tokens_per_row
     model.train()
     losses, grad_norms, clip_fracs, lrs, logged, skipped = [], [], [], [], [], 0
     for _ in range(ppo_epochs):
@@ -220,7 +225,9 @@ def update_policy(
         for rows in micro_batch_slices(batch.batch_size, micro_batch_size):
             mb = trim_right_padding(batch.select(rows)).to(device)
             adv_B_T = advantages_B_T[rows, : mb.input_ids_B_T.shape[1]].to(device)
-            out = loss.micro_batch(model, mb, adv_B_T, clip_eps=clip_eps, normalizer=normalizer, chunk_size=chunk_size)
+            out = loss.micro_batch(
+                model, mb, adv_B_T, clip_eps=clip_eps, normalizer=loss_normalizer, chunk_size=chunk_size
+            )
             (out.loss * ctx.world_size).backward()
             loss_sum += float(out.loss.detach())
             for key, value in out.logged_sums.items():

@@ -77,3 +77,35 @@ def test_check_cli_json_and_text(capsys):
     out = capsys.readouterr().out
     assert "unbiased for every divergence" in out and "biased: relative error" in out
     assert main(["check", "--vocab", "1"]) == 2
+
+
+def test_multiturn_check_opd_plus_exact_and_stop_gradient_biased_except_reverse_kl():
+    rows = check.run_multiturn_check(vocab=3, turns="ssess", seed=0)
+    assert check.multiturn_passed(rows)
+    for row in rows:
+        for gamma in check.GAMMAS:
+            assert row[f"opd_plus/gamma{gamma:g}"] <= check.OPD_PLUS_TOLERANCE
+            exact_opd = row[f"opd/gamma{gamma:g}"] <= check.OPD_PLUS_TOLERANCE
+            assert exact_opd == (row["divergence"] == "reverse_kl"), row
+
+
+def test_multiturn_check_fails_when_the_environment_token_is_trained_as_the_students():
+    problem = check.TabularProblem.build(2, 3)
+    generator = torch.Generator().manual_seed(1)
+    student, teacher, env = (
+        torch.randn(len(problem.context_prefixes), 2, generator=generator, dtype=torch.float64) for _ in range(3)
+    )
+    div = get_divergence("forward_kl")
+    reference = check.episode_reference_gradient(student, teacher, env, problem, "ses", div, 1.0)
+    right = check.episode_estimator_gradient(student, teacher, env, problem, "ses", div, "opd_plus", 1.0)
+    wrong = check.episode_estimator_gradient(student, teacher, env, problem, "sss", div, "opd_plus", 1.0)
+    assert float((right - reference).norm() / reference.norm()) <= check.OPD_PLUS_TOLERANCE
+    assert float((wrong - reference).norm() / reference.norm()) > 1e-3
+
+
+def test_check_cli_prints_and_returns_the_multiturn_case(capsys):
+    assert main(["check", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["check"]
+    assert payload["multiturn"]["turns"] == "ssess" and len(payload["multiturn"]["rows"]) == len(DIVS)
+    assert main(["check"]) == 0
+    assert "unbiased for every divergence with the environment in the loop" in capsys.readouterr().out
