@@ -24,7 +24,7 @@ Scoring: BFCL's multi-turn checker (``bfcl_backends.check_episode``), run on the
 have no entry, as in BFCL).
 
 Split (fixed, by item id, as the single-turn BFCL task): ``eval`` iff ``split_of(id, eval_percent)`` (30 %
-by default), in file order; ``train`` items are shuffled by the seed and cycled.
+by default), in file order; ``train`` items are shuffled by the seed and cycled. More in docs/environments.md.
 """
 
 from __future__ import annotations
