@@ -173,3 +173,16 @@ def test_call_strings_parse_back_and_reject_code() -> None:
     for code in ["os.system('ls')", "f(a=__import__('os'))", "f(**{'a': 1})", "f(a=1); g()", "[f(a=1)]", "f(a=x)"]:
         with pytest.raises(ValueError):
             bfcl_backends.parse_call_string(code)
+
+
+def test_an_episode_past_the_model_context_is_flagged() -> None:
+    import torch
+
+    from opdplus.eval.runner import context_overflows
+    from opdplus.rollout.types import RolloutBatch
+
+    mask_B_T = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    zeros_B_T = torch.zeros(2, 6)
+    batch = RolloutBatch(zeros_B_T.long(), mask_B_T, mask_B_T, zeros_B_T, prompt_len=3)
+    assert context_overflows(batch, 5) == [False, True]
+    assert context_overflows(batch, None) == [False, False]
