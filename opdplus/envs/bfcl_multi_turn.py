@@ -347,8 +347,12 @@ class BfclEnvironment:
     def score(self) -> float:
         """1.0 iff the episode ended its last user turn and BFCL's checker accepts its calls (computed once)."""
         if self._score is None:
+            silent = [t for t, (truth, steps) in enumerate(zip(self.item.answer, self.calls)) if truth and not steps]
             if not self.finished or self.failed:
                 self.explanation = self.failed or "the episode stopped before its last user turn ended"
+                self._score = 0.0
+            elif silent:  # the checker's verdict without running it
+                self.explanation = f"turn {silent[0]}: no function call, expected {self.item.answer[silent[0]]}"
                 self._score = 0.0
             else:
                 self._score = self._check()

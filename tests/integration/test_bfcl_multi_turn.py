@@ -103,6 +103,10 @@ def test_wrong_or_unfinished_episodes_score_zero(task: BfclMultiTurnTask) -> Non
         unfinished.step(_calls(*NOTES_TRUTH[0]))
         unfinished.step(DONE)
         assert unfinished.score() == 0.0  # stopped by a limit before the last user turn ended
+        silent = task.environment(item)
+        assert [silent.step(DONE).done for _ in NOTES_TRUTH] == [False, False, True]
+        assert silent.score() == 0.0 and silent.explanation.startswith("turn 0: no function call")
+        assert silent.record() == {"calls": [[], [], []]}
     finally:
         wrong.close()
         unfinished.close()
