@@ -96,7 +96,15 @@ def evaluate(
     }
     if forward_kl:
         metrics["eval/forward_kl"] = forward_kl_on_teacher_samples(
-            model, tokenizer, teacher, items_by_task, settings, seed=seed, sampler_cls=sampler_cls
+            model,
+            tokenizer,
+            teacher,
+            items_by_task,
+            settings,
+            seed=seed,
+            sampler_cls=sampler_cls,
+            tasks=tasks,
+            limits=limits,
         )
     return metrics
 
@@ -167,11 +175,13 @@ def forward_kl_on_teacher_samples(
     *,
     seed: int,
     sampler_cls: type = Sampler,
+    tasks: dict[str, Task] | None = None,
+    limits: EpisodeLimits | None = None,
 ) -> float:
     """Forward KL(q || pi) per token, estimated on teacher samples of the held-out prompts:
     mean over their tokens of log q - log pi. The mass-covering direction that reverse KL on student samples
     cannot see: a student that collapses onto outputs the teacher tolerates has a small reverse KL and a
-    large forward KL."""
+    large forward KL. Items of the multi-turn tasks among ``tasks`` are teacher episodes bounded by ``limits``."""
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for task, task_items in items_by_task.items():
@@ -179,9 +189,13 @@ def forward_kl_on_teacher_samples(
         generator = torch.Generator(device=next(teacher_model.parameters()).device).manual_seed(seed)
         with warnings.catch_warnings():  # a tempered teacher: sampling from q as scored is intended here
             warnings.simplefilter("ignore")
-            samples = sampler_cls(
-                teacher_model, tokenizer, replace(settings, temperature=temperature), generator
-            ).sample(task_items)
+            sampler = sampler_cls(teacher_model, tokenizer, replace(settings, temperature=temperature), generator)
+            episodic = (tasks or {}).get(task)
+            if episodic is not None and is_multi_turn(episodic):
+                sampler = EpisodeSampler(
+                    sampler, [episodic], limits or EpisodeLimits(max_new_tokens=settings.max_new_tokens)
+                )
+            samples = sampler.sample(task_items)
         student_lp_B_T = completion_logprobs(
             model, samples.input_ids_B_T.to(device), samples.attention_mask_B_T.to(device), samples.prompt_len
         ).cpu()

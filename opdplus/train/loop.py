@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-import opdplus.train.builders as builders
 import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
@@ -23,10 +22,12 @@ from opdplus.ops.advantages import advantages as compute_advantages
 from opdplus.rollout.types import TopKTeacher
 from opdplus.train.builders import (
     build_divergence,
+    build_sampler,
     build_student,
     build_tasks,
     build_teacher,
     check_prompt_share,
+    loss_tokens_per_row,
     prompts_for_step,
     sampling_settings,
 )
@@ -86,7 +87,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         optimizer, scheduler = build_optimizer(policy, cfg)
         generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.run.seed, ctx.rank))
         settings = sampling_settings(cfg)
-        sampler = builders.build_sampler(cfg, tasks, student, tokenizer, settings, generator)
+        sampler = build_sampler(cfg, tasks, student, tokenizer, settings, generator)
         update_loss = update_loss_for(cfg.loss, divergence, teacher)
         start_step = (
             0
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         chunk_size=cfg.update.logprob_chunk_size,
                         loss=update_loss,
                         ctx=ctx,
-                        tokens_per_row=builders.loss_tokens_per_row(cfg, tasks),
+                        tokens_per_row=loss_tokens_per_row(cfg, tasks),
                     )
 
                 # --- log: what the step did, per loss token, averaged over processes

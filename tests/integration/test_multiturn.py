@@ -207,3 +207,24 @@ def test_plain_prompts_get_a_plain_framing(model, tokenizer):
         tokenizer.decode(framing_ids(tokenizer, item, [], [{"role": "tool", "content": "7"}], turn_end=""))
         == "\n\ntool: 7\n\nassistant:"
     )
+
+
+def test_eval_runner_scores_greedy_episodes_and_writes_their_records(model, tokenizer):
+    import io
+    import json
+
+    from opdplus.eval.runner import evaluate, greedy_accuracy
+
+    task = ScriptedToolsTask(replies=1)
+    items = task.items("eval", 3)
+    out = io.StringIO()
+    result = evaluate(
+        model, tokenizer, "scripted", task_and_items=(task, items), max_new_tokens=6, batch_size=2, samples_out=out
+    )
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert result.n == 3 and [r["id"] for r in records] == [item.id for item in items]
+    assert all({"id", "correct", "score", "calls", "turns"} <= set(r) for r in records)
+    assert all(len(r["turns"]) == 2 for r in records)  # one reply, then the closing turn
+    assert result.accuracy == sum(r["score"] for r in records) / 3
+    scores = greedy_accuracy(model, tokenizer, {"scripted": task}, {"scripted": items}, max_new_tokens=6)
+    assert scores == {"scripted": result.accuracy}

@@ -22,12 +22,13 @@ EPISODE_KEYS = {f"rollout/{k}" for k in ("turns", "tool_calls", "tool_errors", "
 
 
 def test_tiny_multiturn_config_trains_and_logs_the_multi_turn_metrics(tmp_path):
-    cfg = load_config(CONFIG, [*FAST, f"run.dir={tmp_path / 'run'}", "eval.score_decoding=greedy"])
+    overrides = [*FAST, f"run.dir={tmp_path / 'run'}", "eval.score_decoding=greedy", "eval.forward_kl=true"]
+    cfg = load_config(CONFIG, overrides)
     result = train(cfg)
     assert EPISODE_KEYS <= set(result.metrics)
     assert result.metrics["rollout/turns"] > 1 and result.metrics["rollout/env_tokens"] > 0
     assert 0.0 <= result.metrics["eval/scripted_tools/score"] <= 1.0
-    assert result.metrics["eval/reverse_kl"] > 0
+    assert result.metrics["eval/reverse_kl"] > 0 and result.metrics["eval/forward_kl"] > 0  # over teacher episodes
 
 
 def test_single_and_multi_turn_tasks_train_together(tmp_path):
