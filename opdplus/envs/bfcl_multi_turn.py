@@ -284,7 +284,10 @@ class BfclEnvironment:
         if turn.malformed:
             return EnvReply(messages=[{"role": "tool", "content": MALFORMED}], tool_errors=1)
         with self._lock:
-            return self._run_calls([bfcl_backends.call_string(*_name_args(call)) for call in turn.calls])
+            calls = [
+                (name, args if isinstance(args, dict) else {}) for call in turn.calls for name, args in call.items()
+            ]
+            return self._run_calls([bfcl_backends.call_string(name, args) for name, args in calls])
 
     def _run_calls(self, calls: list[str]) -> EnvReply:
         """Execute a step's calls in order; after a stopped call the rest of the step is not run."""
@@ -376,11 +379,6 @@ class BfclEnvironment:
         self._closed = True
         if self._backend is not None:
             self._backend.close()
-
-
-def _name_args(call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    ((name, args),) = call.items()
-    return name, args if isinstance(args, dict) else {}
 
 
 register_task(BfclMultiTurnTask.name, BfclMultiTurnTask)
