@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -43,7 +42,7 @@ from opdplus.envs import bfcl_backends
 from opdplus.envs.base import AssistantTurn, EnvReply
 from opdplus.tasks.base import TaskItem, register_task
 from opdplus.tasks.bfcl import BFCL_PIP, PROMPT_FORMATS, TOOL_PROMPTS, to_tool
-from opdplus.tasks.data import check_split, package_file, read_jsonl, split_of
+from opdplus.tasks.data import check_split, items_from_pool, package_file, read_jsonl, split_of
 
 CATEGORY = "multi_turn_base"
 MAX_STEPS_PER_TURN = 20  # BFCL's MAXIMUM_STEP_LIMIT
@@ -172,18 +171,7 @@ class BfclMultiTurnTask:
 
     def items(self, split: str, n: int, seed: int = 0) -> list[TaskItem]:
         pool = self.split_items(split)
-        if split == "eval":
-            if n > len(pool):
-                raise ValueError(f"{self.name} has {len(pool)} eval episodes, asked for {n}")
-            return pool[:n]
-        if not pool:
-            raise ValueError(f"{self.name} has no train episodes (eval_percent={self.eval_percent})")
-        rng = random.Random(f"opdplus-bfcl-multi-turn-{seed}")
-        out: list[TaskItem] = []
-        while len(out) < n:
-            rng.shuffle(pool)
-            out += pool[: n - len(out)]
-        return out
+        return items_from_pool(pool, split, n, seed, rng_key="opdplus-bfcl-multi-turn", what=self.name)
 
     def score(self, item: TaskItem, completion: str) -> float:
         raise TypeError(
