@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from opdplus.train.metrics import read_metrics_file
+
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
@@ -61,29 +63,6 @@ def find_runs(paths: list[Path]) -> list[Path]:
         elif path.is_dir():
             found += sorted(child for child in path.iterdir() if child.is_dir() and is_run(child))
     return sorted(set(found))
-
-
-def read_metrics_file(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``. A last line without its newline (a run killed mid-write) is
-    skipped; any other line that is not a JSON object is an error naming the file and the line."""
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            if number == len(lines):  # no newline after it: cut short by a crash
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err}): {line[:80]!r}") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(
-                f"{path}: line {number} is not a metrics record (a JSON object with a step): {line[:80]!r}"
-            )
-        rows.append(record)
-    return rows
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
