@@ -477,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - started,
         },
     )
+    ours: dict[str, Any]
     try:
         ours = run_ours(args, shape, student, teacher, tokenizer, rec)
     except Exception as err:  # noqa: BLE001  (report it; TRL and the checks still run)
