@@ -68,3 +68,13 @@ def test_report_of_two_task_sweeps(tmp_path):
     assert len(copied) == 9
     text = report.read_text()
     assert "| opd_plus/jsd | 3 | 0.600 ± 0.100 |" in text and "**tool_use**" in text
+    lo, hi = math_plus["acc_run_ci95"][0]
+    assert f"0.500 [{lo:.2f}, {hi:.2f}]" in text  # each seed with its own interval over the items
+
+
+def test_one_seed_has_no_standard_deviation(tmp_path):
+    sweep = _sweep(tmp_path, "math", "math_acc", {"opd/jsd": [0.25]}, 0.8)
+    report = write_report([sweep], tmp_path / "report")
+    entry = json.loads((tmp_path / "report" / "summary.json").read_text())["tasks"]["math"]["runs"]["opd/jsd"]
+    assert entry["acc_std"] is None and entry["acc_ci95"] is None and entry["acc_run_ci95"][0] is not None
+    assert "| opd/jsd | 1 | 0.250 | – | 0.250 [" in report.read_text()
