@@ -12,28 +12,33 @@ length, fp32, learning rate, gradient clipping, no gradient checkpointing, and r
 
 Each side runs in its own subprocess per round (so peak memory is its own: on CPU the rise of peak RSS
 over the RSS after imports, model loading included; on CUDA ``torch.cuda.max_memory_allocated``); rounds
-alternate the order (ours, TRL / TRL, ours). The first ``--warmup`` steps of every run are discarded.
+rotate the order of the sides. The first ``--warmup`` steps of every run are discarded. A third side (on by
+default, ``--no-exact`` skips it) is ours with ``loss.teacher_signal=exact``: the full-vocabulary divergence,
+TRL's objective. Ratios are reported per round, as their median over the rounds (the headline: on a shared
+machine one slow round moves a pooled figure) and pooled over all steps; the load average at the start and
+the end is printed with them.
 Phase times: sampling = generation; scoring = the teacher forward; update = the rest of the step
 (student forward/backward, loss, optimizer). TRL computes its teacher logits inside the loss kernel, so
 that part of its scoring is counted as update.
 
-Last line: ``{"bench": {"loop_vs_trl": {"total_tok_s_ratio": ..., "peak_mem_ratio": ..., ...}}}``, ratios
-ours/TRL (> 1 = we are faster for tok/s; < 1 = we use less memory).
+Last line: ``{"bench": {"loop_vs_trl": {"total_tok_s_ratio": ..., "peak_mem_ratio": ..., "exact": {...}, ...}}}``,
+ratios ours/TRL, medians over rounds (> 1 = we are faster for tok/s; < 1 = we use less memory).
 
-    python bench/loop_vs_trl.py [--quick] [--device cuda] [--our-sampler hf|fast]
+    python bench/loop_vs_trl.py [--quick] [--rounds 3] [--no-exact] [--device cuda] [--our-sampler hf|fast]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, format_table, peak_rss_mb, ratio, rss_mb, run_json_worker  # noqa: E402
+from common import emit, format_table, median, peak_rss_mb, ratio, rss_mb, run_json_worker  # noqa: E402
 
 QUICK = dict(
     vocab=49152,
@@ -45,7 +50,7 @@ QUICK = dict(
     new_tokens=32,
     steps=2,
     warmup=1,
-    rounds=2,
+    rounds=3,
 )
 FULL = dict(
     vocab=49152,
@@ -188,6 +193,8 @@ class _TRLTimer:
         def wrapper(*a, **k):
             out = fn(*a, **k)
             self.current["tokens"] += float(out["completion_mask"].sum())
+            # the real tokens the update's forward and backward run over (for model-FLOP utilisation)
+            self.current["update_tokens"] += float(out["prompt_mask"].sum()) + float(out["completion_mask"].sum())
             return out
 
         return wrapper
@@ -199,7 +206,13 @@ class _TRLTimer:
 
         class StepTimes(TrainerCallback):
             def on_step_begin(self, *a, **k):
-                timer.current = {"tokens": 0.0, "sample": 0.0, "score": 0.0, "start": time.perf_counter()}
+                timer.current = {
+                    "tokens": 0.0,
+                    "update_tokens": 0.0,
+                    "sample": 0.0,
+                    "score": 0.0,
+                    "start": time.perf_counter(),
+                }
 
             def on_step_end(self, *a, **k):
                 _sync(timer.trainer.args.device)
@@ -295,20 +308,45 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def round_ratios(ours_run: dict, trl_run: dict) -> dict[str, float | None]:
+    """ours / TRL of one round: tok/s per phase and peak memory."""
+    ours, theirs = summarize([ours_run]), summarize([trl_run])
+    out = {f"{phase}_tok_s_ratio": ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]) for phase in PHASES}
+    out["peak_mem_ratio"] = ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"])
+    return out
+
+
+def median_ratios(rounds: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """The median over rounds of every ratio (rounds alternate the order, so this damps a noisy machine)."""
+    keys = rounds[0] if rounds else {}
+    return {
+        k: median(v for r in rounds if (v := r[k]) is not None) if any(r[k] for r in rounds) else None for k in keys
+    }
+
+
 def worker_args(args: argparse.Namespace, side: str) -> list[str]:
     keys = (*FULL, "device", "threads", "workdir", "our_sampler")
-    out = ["--worker", side] + [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    return out + [x for o in (args.our_override or []) for x in ("--our-override", o)]
+    worker = "trl" if side == "trl" else "ours"
+    out = ["--worker", worker] + [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    overrides = list(args.our_override or []) + (["loss.teacher_signal=exact"] if side == "ours_exact" else [])
+    return out + [x for o in overrides for x in ("--our-override", o)]
 
 
 def drive(args: argparse.Namespace) -> dict:
+    """``args.rounds`` rounds, each running every side once in its own process, the order rotated per round."""
     save_models(Path(args.workdir), args)
-    runs = {"ours": [], "trl": []}
+    sides = ["ours", "trl"] + (["ours_exact"] if args.exact else [])
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_index in range(args.rounds):
-        order = ("ours", "trl") if round_index % 2 == 0 else ("trl", "ours")
-        for side in order:
+        shift = round_index % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             runs[side].append(run_json_worker(__file__, worker_args(args, side), threads=args.threads))
-    return {side: summarize(side_runs) for side, side_runs in runs.items()}
+    out: dict = {side: summarize(side_runs) for side, side_runs in runs.items()}
+    for side in [s for s in sides if s != "trl"]:
+        rounds = [round_ratios(mine, theirs) for mine, theirs in zip(runs[side], runs["trl"])]
+        out[f"{side}_rounds"] = rounds
+        out[f"{side}_median"] = median_ratios(rounds)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -318,6 +356,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trainer (tiny models: 1 is fastest)")
     parser.add_argument("--our-sampler", choices=("hf", "fast"), default="fast")
     parser.add_argument("--our-override", action="append", help="extra key=value for our config (repeatable)")
+    parser.add_argument(
+        "--no-exact",
+        dest="exact",
+        action="store_false",
+        help="skip the third side, ours with loss.teacher_signal=exact (TRL's objective)",
+    )
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for key in FULL:
@@ -334,42 +378,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="opdplus-bench-") as tmp:
         args.workdir = args.workdir or tmp
         result = drive(args)
-    ours, theirs = result["ours"], result["trl"]
+    load_after = os.getloadavg()
+    ours, theirs, medians = result["ours"], result["trl"], result["ours_median"]
     print(
         f"loop vs TRL DistillationTrainer: vocab {args.vocab}, student {args.student_hidden}x{args.student_layers}, "
         f"teacher {args.teacher_hidden}x{args.teacher_layers}, batch {args.batch}, {args.new_tokens} new tokens, "
-        f"{args.device}, {args.threads} thread(s), {args.rounds} alternating rounds x {args.steps} steps "
-        f"(+{args.warmup} warm-up), our sampler: {args.our_sampler}"
+        f"{args.device}, {args.threads} thread(s), {args.rounds} rotating rounds x {args.steps} steps "
+        f"(+{args.warmup} warm-up), our sampler: {args.our_sampler}; load average {load_before[0]:.1f} at the start, "
+        f"{load_after[0]:.1f} at the end ({os.cpu_count()} CPUs)"
     )
-    rows = [
-        [
-            f"{phase} tok/s",
-            ours[f"{phase}_tok_s"],
-            theirs[f"{phase}_tok_s"],
-            ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]),
-        ]
-        for phase in PHASES
-    ]
+    rows = []
+    for phase in PHASES:
+        key = f"{phase}_tok_s"
+        rows.append([f"{phase} tok/s", ours[key], theirs[key], ratio(ours[key], theirs[key]), medians[f"{key}_ratio"]])
     rows.append(
         [
             "peak memory MB",
             ours["peak_mem_mb"],
             theirs["peak_mem_mb"],
             ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
+            medians["peak_mem_ratio"],
         ]
     )
-    print(format_table(["quantity", "ours", "trl", "ours/trl"], rows))
+    print(format_table(["quantity", "ours", "trl", "ours/trl (pooled)", "ours/trl (median of rounds)"], rows))
+    if args.exact:
+        exact, exact_medians = result["ours_exact"], result["ours_exact_median"]
+        print("\nours with loss.teacher_signal=exact (the same objective as TRL's):")
+        exact_rows = [
+            [f"{phase} tok/s", exact[f"{phase}_tok_s"], exact_medians[f"{phase}_tok_s_ratio"]] for phase in PHASES
+        ]
+        exact_rows.append(["peak memory MB", exact["peak_mem_mb"], exact_medians["peak_mem_ratio"]])
+        print(format_table(["quantity", "ours exact", "ours exact/trl (median of rounds)"], exact_rows))
     emit(
         "loop_vs_trl",
         {
-            **{f"{phase}_tok_s_ratio": ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]) for phase in PHASES},
-            "peak_mem_ratio": ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
+            **medians,
+            "pooled": {
+                **{f"{phase}_tok_s_ratio": ratio(ours[f"{phase}_tok_s"], theirs[f"{phase}_tok_s"]) for phase in PHASES},
+                "peak_mem_ratio": ratio(ours["peak_mem_mb"], theirs["peak_mem_mb"]),
+            },
+            "rounds": result["ours_rounds"],
+            "exact": {"median": result["ours_exact_median"], "rounds": result["ours_exact_rounds"]}
+            if args.exact
+            else None,
             "ours": ours,
             "trl": theirs,
-            "config": {k: getattr(args, k) for k in (*FULL, "device", "threads", "our_sampler")},
+            **({"ours_exact": result["ours_exact"]} if args.exact else {}),
+            "load_average": {"start": load_before[0], "end": load_after[0], "cpus": os.cpu_count()},
+            "config": {k: getattr(args, k) for k in (*FULL, "device", "threads", "our_sampler", "exact")},
         },
     )
     return 0

@@ -12,6 +12,12 @@ are exact expectations, not Monte Carlo estimates:
 
 The relative error ||estimate - reference|| / ||reference|| is printed for every divergence. OPD+ must
 be exact (<= 1e-8); stop-gradient OPD is exact only for reverse KL.
+
+A second case (``run_cross_tokenizer_check``) does the same with a teacher whose tokenizer merges a pair of
+the student's characters: the span advantage of ``opdplus.ops.align`` must be exact for every divergence,
+and the naive span reward-to-go must be biased (docs/derivations.md, "A teacher with another tokenizer").
+A third (``run_multiturn_check``) puts an environment token, not sampled by the student and not in the loss,
+between student tokens (docs/derivations.md, "Multi-turn episodes").
 """
 
 from __future__ import annotations
@@ -197,6 +203,192 @@ def format_table(rows: list[dict], vocab: int, depth: int, seed: int) -> str:
             f"opd (stop-gradient) on every other divergence is biased: relative error from {low[0]:.0%} "
             f"({low[1]}, gamma {low[2]:g}) to {high[0]:.0%} ({high[1]}, gamma {high[2]:g})."
         )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- a teacher with another tokenizer
+#
+# The student is tabular over single characters; the teacher's tokenizer merges the pair "ab" into one
+# token (so whether "a" ends a teacher token depends on the next character: it looks ahead) and the teacher
+# is tabular over its own token prefixes. J = E_pi[sum_k f(u_k)] over the spans of common boundaries
+# (docs/derivations.md, "A teacher with another tokenizer"), gamma = 1, every sequence enumerated.
+
+CROSS_CHARS = "abc"
+CROSS_MERGE = "ab"
+CROSS_ESTIMATORS = ("opd_plus", "opd", "naive")  # naive: span reward-to-go from t's own span (negative control)
+NAIVE_MIN_ERROR = 1e-4  # the negative control must be visibly biased, or the check could not tell
+
+
+def merge_pairs(text: str) -> list[str]:
+    """The teacher's tokenization: ``CROSS_MERGE`` wherever it occurs (left to right), else single characters."""
+    tokens, i = [], 0
+    while i < len(text):
+        step = len(CROSS_MERGE) if text.startswith(CROSS_MERGE, i) else 1
+        tokens.append(text[i : i + step])
+        i += step
+    return tokens
+
+
+def merge_pairs_final_bytes(prefix: str) -> int:
+    """Characters of ``prefix`` whose teacher tokens no continuation can change: all but a trailing first
+    character of the merged pair."""
+    return len(prefix) - 1 if prefix.endswith(CROSS_MERGE[0]) else len(prefix)
+
+
+@dataclass(frozen=True)
+class CrossTokenizerProblem:
+    """Every character sequence of length ``depth``, its spans against the merging teacher tokenizer, the span
+    layouts (exact and naive) and the teacher's tokens, contexts indexed for a tabular teacher."""
+
+    student: TabularProblem
+    span_end_Y_D: torch.Tensor
+    return_from_Y_D: torch.Tensor  # exact: first span not final before t
+    naive_return_from_Y_D: torch.Tensor  # t's own span
+    teacher_tokens: list[str]
+    teacher_contexts: list[tuple[str, ...]]
+    teacher_index_Y: list[list[tuple[int, int, int]]]  # per sequence: (context row, token id, span end column)
+
+    @classmethod
+    def build(cls, depth: int) -> CrossTokenizerProblem:
+        from opdplus.ops.align import align_spans, return_from_tokens, span_layout
+
+        student = TabularProblem.build(len(CROSS_CHARS), depth)
+        teacher_tokens = [*CROSS_CHARS, CROSS_MERGE]
+        contexts: dict[tuple[str, ...], int] = {}
+        exact_rows, naive_rows, teacher_index = [], [], []
+        for sequence in student.sequences_Y_D.tolist():
+            text = "".join(CROSS_CHARS[i] for i in sequence)
+            pieces = merge_pairs(text)
+            spans = align_spans(
+                list(range(1, depth + 1)), list(itertools.accumulate(map(len, pieces))), [True] * (depth + 1)
+            )
+            final = [merge_pairs_final_bytes(text[:t]) for t in range(depth)]
+            exact_rows.append((0, spans, return_from_tokens(spans, final)))
+            own = [next(s.student_start for s in spans if s.student_start <= t < s.student_stop) for t in range(depth)]
+            naive_rows.append((0, spans, own))
+            entries = []
+            for span in spans:
+                for z in range(span.teacher_start, span.teacher_stop):
+                    row = contexts.setdefault(tuple(pieces[:z]), len(contexts))
+                    entries.append((row, teacher_tokens.index(pieces[z]), span.student_stop - 1))
+            teacher_index.append(entries)
+        shape = (len(exact_rows), depth)
+        span_end_Y_D, return_from_Y_D = span_layout(exact_rows, shape)
+        _, naive_Y_D = span_layout(naive_rows, shape)
+        return cls(student, span_end_Y_D, return_from_Y_D, naive_Y_D, teacher_tokens, list(contexts), teacher_index)
+
+    def teacher_span_logprobs(self, teacher_logits_Z_V: torch.Tensor) -> torch.Tensor:
+        """log q(span) at the column of each span's last character, 0 elsewhere, [Y, D]."""
+        logq_Z_V = torch.log_softmax(teacher_logits_Z_V, dim=-1)
+        out_Y_D = torch.zeros(self.span_end_Y_D.shape, dtype=teacher_logits_Z_V.dtype)
+        for y, entries in enumerate(self.teacher_index_Y):
+            for row, token, column in entries:
+                out_Y_D[y, column] += logq_Z_V[row, token]
+        return out_Y_D
+
+
+def cross_tokenizer_objective(
+    student_logits_C_V: torch.Tensor, teacher_span_Y_D: torch.Tensor, problem: CrossTokenizerProblem, div: Divergence
+) -> torch.Tensor:
+    """J = sum_y pi(y) sum_k f(log q(span_k) - log pi(span_k)), differentiable in the student logits."""
+    from opdplus.ops.align import span_ends_mask, span_sums
+
+    student_lp_Y_D = token_logprobs(student_logits_C_V, problem.student)
+    is_end_Y_D = span_ends_mask(problem.span_end_Y_D)
+    log_ratio_Y_D = teacher_span_Y_D - span_sums(student_lp_Y_D, problem.span_end_Y_D)
+    f_Y_D = torch.where(is_end_Y_D, div.f(log_ratio_Y_D), torch.zeros_like(log_ratio_Y_D))
+    return (student_lp_Y_D.sum(-1).exp() * f_Y_D.sum(-1)).sum()
+
+
+def cross_tokenizer_estimator_gradient(
+    student_logits_C_V: torch.Tensor,
+    teacher_span_Y_D: torch.Tensor,
+    problem: CrossTokenizerProblem,
+    div: Divergence,
+    estimator: str,
+) -> torch.Tensor:
+    """Exact expectation of -sum_t A_t grad log pi(y_t|c_t), A_t from ``opdplus.ops.align.span_advantages``
+    (``naive``: OPD+ with each token's return starting at its own span)."""
+    from opdplus.ops.align import span_advantages, spread_span_logprobs
+
+    theta = student_logits_C_V.detach().clone().requires_grad_(True)
+    student_lp_Y_D = token_logprobs(theta, problem.student)
+    teacher_lp_Y_D = spread_span_logprobs(teacher_span_Y_D, student_lp_Y_D.detach(), problem.span_end_Y_D)
+    return_from_Y_D = problem.naive_return_from_Y_D if estimator == "naive" else problem.return_from_Y_D
+    advantages_Y_D = span_advantages(
+        student_lp_Y_D.detach(),
+        teacher_lp_Y_D,
+        torch.ones_like(student_lp_Y_D, dtype=torch.bool),
+        problem.span_end_Y_D,
+        return_from_Y_D,
+        divergence=div,
+        estimator="opd_plus" if estimator == "naive" else estimator,
+        gamma=1.0,
+    )
+    sequence_prob_Y = student_lp_Y_D.detach().sum(-1).exp()
+    surrogate = (sequence_prob_Y[:, None] * advantages_Y_D * student_lp_Y_D).sum()
+    (grad,) = torch.autograd.grad(-surrogate, theta)
+    return grad
+
+
+def run_cross_tokenizer_check(depth: int = 3, seed: int = 0, scale: float = 1.5) -> list[dict]:
+    """One row per divergence: relative gradient error of OPD+, stop-gradient OPD and the naive span
+    reward-to-go against autograd of J, all with the teacher's merging tokenizer, gamma = 1."""
+    problem = CrossTokenizerProblem.build(depth)
+    generator = torch.Generator().manual_seed(seed)
+    student_logits = scale * torch.randn(
+        len(problem.student.context_prefixes), len(CROSS_CHARS), generator=generator, dtype=torch.float64
+    )
+    teacher_logits = scale * torch.randn(
+        len(problem.teacher_contexts), len(problem.teacher_tokens), generator=generator, dtype=torch.float64
+    )
+    teacher_span_Y_D = problem.teacher_span_logprobs(teacher_logits)
+    rows = []
+    for div in check_divergences():
+        theta = student_logits.detach().clone().requires_grad_(True)
+        (reference,) = torch.autograd.grad(cross_tokenizer_objective(theta, teacher_span_Y_D, problem, div), theta)
+        row: dict = {"divergence": div.label, "direction": div.direction}
+        for estimator in CROSS_ESTIMATORS:
+            estimate = cross_tokenizer_estimator_gradient(student_logits, teacher_span_Y_D, problem, div, estimator)
+            row[estimator] = float((estimate - reference).norm() / reference.norm())
+        rows.append(row)
+    return rows
+
+
+def cross_tokenizer_passed(rows: list[dict]) -> bool:
+    """OPD+ exact for every divergence, stop-gradient exact for reverse KL, the naive control biased."""
+    return all(
+        row["opd_plus"] <= OPD_PLUS_TOLERANCE
+        and row["naive"] > NAIVE_MIN_ERROR
+        and (row["divergence"] != "reverse_kl" or row["opd"] <= OPD_PLUS_TOLERANCE)
+        for row in rows
+    )
+
+
+def format_cross_tokenizer_table(rows: list[dict], depth: int, seed: int) -> str:
+    header = f"{'divergence':<18}" + "".join(f"{c:>18}" for c in CROSS_ESTIMATORS)
+    lines = [
+        f"Cross-tokenizer: student over single characters {CROSS_CHARS!r}, teacher tokenizer merges "
+        f"{CROSS_MERGE!r}, depth {depth}, seed {seed}, {len(CROSS_CHARS) ** depth} sequences, gamma 1.",
+        "Relative error against autograd of J = E_pi[sum over spans f(u_k)]; naive = span reward-to-go from the",
+        "token's own span (the negative control: span ends are not stopping times).",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    lines += [f"{row['divergence']:<18}" + "".join(f"{row[c]:>18.2e}" for c in CROSS_ESTIMATORS) for row in rows]
+    worst = max(row["opd_plus"] for row in rows)
+    naive = [row["naive"] for row in rows]
+    others = [row["opd"] for row in rows if row["divergence"] != "reverse_kl"]
+    lines += [
+        "",
+        f"opd_plus across tokenizers: worst error {worst:.1e} -> "
+        + ("unbiased for every divergence." if worst <= OPD_PLUS_TOLERANCE else "FAILED."),
+        f"opd (stop-gradient): reverse_kl {next(r['opd'] for r in rows if r['divergence'] == 'reverse_kl'):.1e}; "
+        f"every other divergence biased, {min(others):.0%} to {max(others):.0%}.",
+        f"naive span reward-to-go: biased for every divergence, reverse_kl included: {min(naive):.1%} to "
+        f"{max(naive):.1%}" + ("." if min(naive) > NAIVE_MIN_ERROR else " (NOT biased: the control FAILED)."),
+    ]
     return "\n".join(lines)
 
 

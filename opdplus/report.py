@@ -16,6 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from opdplus.train.metrics import read_metrics_file
+
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
@@ -62,29 +64,6 @@ def find_runs(paths: list[Path]) -> list[Path]:
         elif path.is_dir():
             found += sorted(child for child in path.iterdir() if child.is_dir() and is_run(child))
     return sorted(set(found))
-
-
-def read_metrics_file(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``. A last line without its newline (a run killed mid-write) is
-    skipped; any other line that is not a JSON object is an error naming the file and the line."""
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            if number == len(lines):  # no newline after it: cut short by a crash
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err}): {line[:80]!r}") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(
-                f"{path}: line {number} is not a metrics record (a JSON object with a step): {line[:80]!r}"
-            )
-        rows.append(record)
-    return rows
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -213,7 +192,7 @@ def task_summaries(runs: list[dict[str, Any]], reference: dict[str, dict[str, An
             mean, std = mean_std(accuracies)
             entry: dict[str, Any] = {
                 "acc_mean": mean,
-                "acc_std": std,
+                "acc_std": std if len(accuracies) > 1 else None,  # ddof = 1: undefined for one seed
                 "acc_ci95": t_interval(accuracies),
                 "acc_seeds": accuracies,
                 "seeds": [run.get("seed") for run in group],
@@ -246,17 +225,22 @@ def task_table(task: str, summary: dict[str, Any]) -> str:
         f"**{task}** (greedy, {summary['n_eval']} held-out items; teacher {_number(summary['teacher'])}, "
         f"starting student {_number(summary['student_start'])})",
         "",
-        "| method | seeds | accuracy mean ± std | 95% interval (t) | per seed | reverse KL start → end "
+        "| method | seeds | accuracy mean ± std | 95% interval (t) | per seed [95% Wilson interval over items] "
+        "| reverse KL start → end "
         "| forward KL start → end |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, entry in summary["runs"].items():
         interval = entry["acc_ci95"]
         shown = "–" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+        std = "" if entry["acc_std"] is None else f" ± {entry['acc_std']:.3f}"
+        seeds = ", ".join(
+            f"{a:.3f}" + ("" if run_ci is None else f" [{run_ci[0]:.2f}, {run_ci[1]:.2f}]")
+            for a, run_ci in zip(entry["acc_seeds"], entry["acc_run_ci95"])
+        )
         lines.append(
-            f"| {method} | {len(entry['acc_seeds'])} | {entry['acc_mean']:.3f} ± {entry['acc_std']:.3f} | {shown} | "
-            + ", ".join(f"{a:.3f}" for a in entry["acc_seeds"])
-            + f" | {kl(entry, 'reverse_kl')} | {kl(entry, 'forward_kl')} |"
+            f"| {method} | {len(entry['acc_seeds'])} | {entry['acc_mean']:.3f}{std} | {shown} | {seeds} "
+            f"| {kl(entry, 'reverse_kl')} | {kl(entry, 'forward_kl')} |"
         )
     return "\n".join(lines)
 
@@ -370,7 +354,9 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> Path
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if labelled:
+        labelled[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

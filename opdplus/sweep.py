@@ -72,13 +72,14 @@ def parse_divergence(text: str) -> dict[str, Any]:
 
 
 def expand_grid(train: dict[str, Any], grid: dict[str, list], out: Path, eval_items: int) -> list[RunSpec]:
-    """One ``RunSpec`` per point of ``grid`` (estimator x divergence x seed), seeds innermost."""
+    """One ``RunSpec`` per point of ``grid`` (estimator x divergence x seed), seeds outermost: a grid stopped
+    part-way has every method at the first seed before any method at the second."""
     unknown = set(grid) - set(GRID_KEYS)
     if unknown:
         raise ValueError(f"unknown grid keys {sorted(unknown)}; valid: {', '.join(GRID_KEYS)}")
     runs = []
-    for divergence, estimator, seed in itertools.product(
-        grid.get("divergence", ["reverse_kl"]), grid.get("estimator", ["opd_plus"]), grid.get("seed", [0])
+    for seed, divergence, estimator in itertools.product(
+        grid.get("seed", [0]), grid.get("divergence", ["reverse_kl"]), grid.get("estimator", ["opd_plus"])
     ):
         name = f"{estimator}/{divergence}/seed{seed}"
         run_dir = out / f"{estimator}-{str(divergence).replace(':', '')}-seed{seed}"

@@ -1,5 +1,5 @@
 """`opdplus check`: verify the OPD / OPD+ estimators by exact enumeration and print the tables (single sequences,
-and multi-turn episodes with an environment token)."""
+multi-turn episodes with an environment token, and a teacher with another tokenizer)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import sys
 from opdplus.check import (
     MULTITURN_TURNS,
     OPD_PLUS_TOLERANCE,
+    cross_tokenizer_passed,
+    format_cross_tokenizer_table,
     format_multiturn_table,
     format_table,
     multiturn_passed,
     passed,
     run_check,
+    run_cross_tokenizer_check,
     run_multiturn_check,
 )
 
 MULTITURN_VOCAB = 3
+CROSS_TOKENIZER_DEPTH = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rows = run_check(args.vocab, args.depth, args.seed)
     multiturn_rows = run_multiturn_check(MULTITURN_VOCAB, MULTITURN_TURNS, args.seed)
-    ok = passed(rows) and multiturn_passed(multiturn_rows)
+    cross_rows = run_cross_tokenizer_check(CROSS_TOKENIZER_DEPTH, args.seed)
+    ok = passed(rows) and multiturn_passed(multiturn_rows) and cross_tokenizer_passed(cross_rows)
     if args.json:
         print(
             json.dumps(
@@ -50,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
                         "passed": ok,
                         "rows": rows,
                         "multiturn": {"vocab": MULTITURN_VOCAB, "turns": MULTITURN_TURNS, "rows": multiturn_rows},
+                        "cross_tokenizer": {
+                            "depth": CROSS_TOKENIZER_DEPTH,
+                            "passed": cross_tokenizer_passed(cross_rows),
+                            "rows": cross_rows,
+                        },
                     }
                 }
             )
@@ -58,4 +68,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows, args.vocab, args.depth, args.seed))
         print()
         print(format_multiturn_table(multiturn_rows, MULTITURN_VOCAB, MULTITURN_TURNS, args.seed))
+        print()
+        print(format_cross_tokenizer_table(cross_rows, CROSS_TOKENIZER_DEPTH, args.seed))
     return 0 if ok else 1

@@ -21,14 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="where report.md and curves.png go (default: the first RUN_DIR)"
     )
     parser.add_argument("--title", default="Distillation report")
+    parser.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a markdown file appended to report.md (the narrative that survives regenerating the report)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or args.run_dirs[0]
+    command = "opdplus report " + " ".join(map(str, args.run_dirs))
     try:
-        report = write_report(
-            args.run_dirs, out, title=args.title, command="opdplus report " + " ".join(map(str, args.run_dirs))
-        )
+        notes = args.notes.read_text() if args.notes is not None else ""
+    except OSError as err:
+        print(f"error: cannot read --notes {args.notes}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    try:
+        report = write_report(args.run_dirs, out, title=args.title, command=command, notes=notes)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def _max_new_tokens(train: dict[str, Any]) -> int:
 def held_out_divergences(metrics_path: Path) -> dict[str, float]:
     """``eval/reverse_kl`` and ``eval/forward_kl`` of a run's first and last held-out evaluation, as
     ``<key>_start`` / ``<key>_end``; the curves stay in its ``metrics.jsonl``."""
-    from opdplus.report import read_metrics_file
+    from opdplus.train.metrics import read_metrics_file
 
     rows = [row for row in read_metrics_file(metrics_path) if "eval/reverse_kl" in row]
     out: dict[str, float] = {}

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from opdplus.envs.base import MultiTurnTask, is_multi_turn
+from opdplus.rollout.fast_sampler import FastSampler
 from opdplus.rollout.multiturn import EpisodeLimits, EpisodeResult, run_episodes
 from opdplus.rollout.sampler import Sampler, SamplingSettings
 from opdplus.rollout.types import RolloutBatch
@@ -36,6 +37,11 @@ EVAL_TASKS: dict[str, tuple[str, dict[str, Any], int]] = {
     "bfcl_parallel": ("tool_use", {"categories": ["parallel"]}, 256),
     "bfcl_parallel_multiple": ("tool_use", {"categories": ["parallel_multiple"]}, 256),
     "bfcl_live_simple": ("tool_use", {"categories": ["live_simple"]}, 128),
+    "bfcl_multi_turn_base": ("bfcl_multi_turn_base", {}, 64),  # tokens per assistant turn
+}
+# multi-turn eval task -> its episodes' bounds (``max_new_tokens`` per turn comes from EVAL_TASKS or the caller)
+EVAL_EPISODE_LIMITS: dict[str, EpisodeLimits] = {
+    "bfcl_multi_turn_base": EpisodeLimits(max_turns=32, max_episode_tokens=2048, tool_timeout_s=60.0),
 }
 MATH_HELDOUT_SIZE = 500  # the math_heldout set: the first 500 eval items of the math task, seed 0
 
@@ -56,7 +62,7 @@ def task_options(eval_task: str, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     options = dict(options)
     template = getattr(tokenizer, "chat_template", None) or ""
     options["prompt_format"] = "chat" if template else "plain"
-    if name == "tool_use":
+    if name in ("tool_use", "bfcl_multi_turn_base"):
         options["tool_prompt"] = "template" if "tools" in template else "system"
     return name, options
 
@@ -113,11 +119,23 @@ def greedy_episodes(
     batch_size: int = 64,
     sampler_cls: type = Sampler,
 ) -> list[EpisodeResult]:
-    """One greedy episode per item of a multi-turn task (``run_episodes``; ``limits.max_new_tokens`` per turn)."""
+    """One greedy episode per item of a multi-turn task (``run_episodes``; ``limits.max_new_tokens`` per turn).
+    An episode longer than the model's context (``max_position_embeddings``) scores 0 (``stop="context"``)."""
     device = next(model.parameters()).device
     settings = SamplingSettings(max_new_tokens=limits.max_new_tokens, batch_size=batch_size, greedy=True)
     sampler = sampler_cls(model, tokenizer, settings, torch.Generator(device=device))
-    return run_episodes(sampler, task, items, limits)[1]
+    batch, results = run_episodes(sampler, task, items, limits)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    for result, overflows in zip(results, context_overflows(batch, context)):
+        if overflows:
+            result.score, result.truncated, result.stop = 0.0, True, "context"
+    return results
+
+
+def context_overflows(batch: RolloutBatch, context: int | None) -> list[bool]:
+    """Per episode row: its opening prompt plus its tokens are more than ``context`` tokens (None = no limit)."""
+    length_B = batch.attention_mask_B_T.sum(-1)
+    return [bool(context) and int(n) > int(context or 0) for n in length_B]
 
 
 def held_out_items(tasks: dict[str, Task], n: int, seed: int) -> dict[str, list[TaskItem]]:
@@ -206,8 +224,12 @@ def evaluate(
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         if is_multi_turn(task):
-            episode_limits = replace(limits or EpisodeLimits(), max_new_tokens=max_new)
-            results = greedy_episodes(model, tokenizer, task, batch, limits=episode_limits, batch_size=batch_size)
+            episode_limits = replace(
+                limits or EVAL_EPISODE_LIMITS.get(eval_task, EpisodeLimits()), max_new_tokens=max_new
+            )
+            results = greedy_episodes(
+                model, tokenizer, task, batch, limits=episode_limits, batch_size=batch_size, sampler_cls=FastSampler
+            )
             for result in results:
                 record: dict[str, Any] = {"id": result.item_id, "correct": result.score == 1.0, "score": result.score}
                 record.update({k: v for k, v in result.record.items() if k not in record})

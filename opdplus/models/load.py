@@ -15,7 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from opdplus.models.tiny import build_char_tokenizer, build_tiny_model, special_token_ids
+from opdplus.models.tiny import (
+    TINY_MERGES,
+    build_char_tokenizer,
+    build_merged_char_tokenizer,
+    build_tiny_model,
+    special_token_ids,
+)
 
 TINY = "tiny"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +71,9 @@ def _local_dir(spec: str, what: str) -> Path:
 
 
 def load_tokenizer(spec: str) -> Any:
+    """A local tokenizer directory, or ``tiny-merges`` (``opdplus.models.tiny.build_merged_char_tokenizer``)."""
+    if spec == TINY_MERGES:
+        return build_merged_char_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(_local_dir(spec, "tokenizer"), local_files_only=True)
     return tokenizer
 
@@ -178,7 +187,7 @@ def check_same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any) -> None
         raise ValueError(
             f"vocabulary mismatch: student tokenizer has {student_size} tokens, teacher tokenizer has "
             f"{teacher_size}{_vocabulary_difference(student_tokenizer, teacher_tokenizer)}; the teacher must use "
-            "the student's tokenizer (cross-tokenizer distillation is not supported)"
+            "the student's tokenizer (or set teacher.cross_tokenizer=auto to score spans across tokenizers)"
         )
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(

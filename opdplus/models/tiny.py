@@ -51,6 +51,45 @@ def build_char_tokenizer(
     return tokenizer
 
 
+TINY_MERGES = "tiny-merges"  # `teacher.tokenizer: tiny-merges`: the character tokenizer with pair merges
+PAIR_MERGES = (
+    ("t", "h"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"), ("r", "e"), ("o", "n"), ("a", "t"),
+    ("e", "n"), ("o", "r"), ("e", "s"), ("i", "s"), ("i", "t"), ("a", "r"), ("a", "l"), ("t", "o"),
+    ("s", "t"), ("n", "d"), ("o", "u"), ("l", "e"), ("c", "o"), ("n", "t"), ("m", "e"), ("d", "e"),
+    (" ", "t"), (" ", "a"), (" ", "s"), (" ", "w"), (" ", "c"), (" ", "o"), (" ", " "), ("0", "0"),
+)  # fmt: skip
+# GPT-2's pre-tokenizer pattern on ASCII: a word with its leading space, and `\s+(?!\S)`, which looks ahead
+PRE_TOKENS = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+
+
+def build_merged_char_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+    """The character tokenizer plus 32 pair merges (``PAIR_MERGES``, one token each, after the characters)
+    inside GPT-2-style pre-tokens: another vocabulary over the same text whose tokens span several of the
+    character tokenizer's, and whose tokenization looks ahead. Same special tokens and chat template."""
+    from tokenizers import Regex, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in dict.fromkeys(DEFAULT_CHARS):
+        vocab.setdefault(ch, len(vocab))
+    for a, b in PAIR_MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(BPE(vocab=vocab, merges=list(PAIR_MERGES), unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(PRE_TOKENS), behavior="isolated")
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=[IM_START],
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
     """(pad, bos, eos) token ids of ``tokenizer``; raises ValueError when one is missing."""
     pad, bos, eos = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id

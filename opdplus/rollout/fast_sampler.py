@@ -214,7 +214,11 @@ class FastSampler(Sampler):
 
     def decode(self, prompt_ids_B_P: torch.Tensor, prompt_mask_B_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one left-padded block: ``(completion_B_C, sampler_logprobs_B_C)`` on CPU; after a row's EOS
-        its slots hold ``pad_id`` / 0."""
+        its slots hold ``pad_id`` / 0. On CUDA, Llama-family models take the CUDA-graph loop (``cuda_decode``)."""
+        from opdplus.rollout.cuda_decode import cuda_decoder_for
+
+        if (cuda_decode := cuda_decoder_for(self)) is not None:
+            return cuda_decode(prompt_ids_B_P, prompt_mask_B_P)
         device, steps = self.device, self.settings.max_new_tokens
         batch, width = prompt_ids_B_P.shape
         cache = new_kv_cache(self.model, width + steps)

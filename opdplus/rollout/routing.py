@@ -6,10 +6,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from opdplus.rollout.types import RolloutBatch, Teacher
+
+if TYPE_CHECKING:
+    from opdplus.rollout.cross_tokenizer import SpanScores
 
 
 class MissingTeacherError(KeyError):
@@ -62,6 +66,36 @@ class RoutedTeacher:
             index = torch.tensor(rows, dtype=torch.long, device=out_B_T.device)
             out_B_T[index] = sub_B_T.to(out_B_T.device, torch.float32)
         return out_B_T
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether a teacher scores spans across tokenizers (``opdplus.rollout.cross_tokenizer``)."""
+        return any(getattr(teacher, "cross_tokenizer", False) for teacher in self.teachers.values())
+
+    def score_spans(self, batch: RolloutBatch) -> SpanScores:
+        """``SpanScores`` for the whole batch: a cross-tokenizer teacher's spans for its rows, one-token spans
+        for the rows of a teacher with the student's tokenizer."""
+        from opdplus.rollout.cross_tokenizer import SpanScores, token_span_scores
+
+        device = batch.input_ids_B_T.device
+        out = SpanScores(
+            torch.zeros(batch.input_ids_B_T.shape, dtype=torch.float32, device=device),
+            torch.full(batch.input_ids_B_T.shape, -1, dtype=torch.long, device=device),
+            torch.full(batch.input_ids_B_T.shape, -1, dtype=torch.long, device=device),
+            batch.loss_mask_B_T.clone(),
+        )
+        for task, rows in self._rows_by_task(batch).items():
+            sub, teacher = batch.select(rows), self.teachers[task]
+            start = time.perf_counter()
+            spans = teacher.score_spans(sub) if getattr(teacher, "cross_tokenizer", False) else None  # pyright: ignore[reportAttributeAccessIssue]
+            scores = spans if spans is not None else token_span_scores(teacher, sub)
+            self._record(task, len(rows), int(sub.loss_mask_B_T.sum()), time.perf_counter() - start)
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            out.teacher_logprobs_B_T[index] = scores.teacher_logprobs_B_T.to(device, torch.float32)
+            out.span_end_B_T[index] = scores.span_end_B_T.to(device)
+            out.return_from_B_T[index] = scores.return_from_B_T.to(device)
+            out.loss_mask_B_T[index] = scores.loss_mask_B_T.to(device)
+        return out
 
     def _score_group(self, batch: RolloutBatch, task: str, rows: list[int]) -> tuple[list[int], torch.Tensor]:
         sub = batch.select(rows)

@@ -190,7 +190,11 @@ class Sampler:
         prompts = [ids for ids in tokenize_prompts(self.tokenizer, items) for _ in range(n)]
         batch = self.sample_ids(prompts)
         batch.tasks = [item.task for item in items for _ in range(n)]
-        batch.meta = [{"item_id": item.id, "sample": j} for item in items for j in range(n)]
+        batch.meta = [  # the prompt: a teacher with another tokenizer renders it with its own chat template
+            {"item_id": item.id, "sample": j, "prompt": item.prompt, "tools": item.meta.get("tools")}
+            for item in items
+            for j in range(n)
+        ]
         return batch
 
     @torch.no_grad()

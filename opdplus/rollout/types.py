@@ -30,6 +30,8 @@ _PER_TOKEN = (
     "teacher_logprobs_B_T",
     "teacher_topk_ids_B_T_K",
     "teacher_topk_logprobs_B_T_K",
+    "span_end_B_T",
+    "span_return_from_B_T",
 )
 _TENSORS = (*_PER_TOKEN, "truncated_B")
 
@@ -48,12 +50,23 @@ class RolloutBatch:
     # teacher_signal=topk: the teacher's top-k at every column (see Teacher.score_topk), [B, T, K]
     teacher_topk_ids_B_T_K: torch.Tensor | None = None
     teacher_topk_logprobs_B_T_K: torch.Tensor | None = None
+    # a cross-tokenizer teacher's span layout (opdplus.ops.align): the column of the last token of each
+    # token's span, and the first column of the earliest span not final before the token; -1 off the completion
+    span_end_B_T: torch.Tensor | None = None
+    span_return_from_B_T: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids_B_T.shape)
         if len(shape) != 2:
             raise ValueError(f"input_ids_B_T must be [B, T], got shape {shape}")
-        for name in ("attention_mask_B_T", "loss_mask_B_T", "sampler_logprobs_B_T", "teacher_logprobs_B_T"):
+        for name in (
+            "attention_mask_B_T",
+            "loss_mask_B_T",
+            "sampler_logprobs_B_T",
+            "teacher_logprobs_B_T",
+            "span_end_B_T",
+            "span_return_from_B_T",
+        ):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape} like input_ids_B_T")
@@ -78,10 +91,14 @@ class RolloutBatch:
         return replace(self, **{name: cut(getattr(self, name)) for name in _PER_TOKEN})
 
     def completion_lengths_B(self) -> torch.Tensor:
+        """Sampled tokens per row (with a span layout, also those of spans masked out of the loss)."""
+        if self.span_end_B_T is not None:
+            return (self.span_end_B_T >= 0).sum(-1)
         return self.loss_mask_B_T.sum(-1)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        """The batch on ``device``; from CPU to CUDA through pinned memory, without blocking the host."""
+        move = lambda t: None if t is None else to_device(t, torch.device(device))  # noqa: E731
         return replace(self, **{name: move(getattr(self, name)) for name in _TENSORS})
 
     def select(self, rows: slice | torch.Tensor | list[int]) -> RolloutBatch:
@@ -114,3 +131,11 @@ class TopKTeacher(Teacher, Protocol):
     ``score_topk(batch, k) -> (ids_B_T_K, logprobs_B_T_K)``, best first (``LocalTeacher``, ``HTTPTeacher``)."""
 
     def score_topk(self, batch: RolloutBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. A CPU tensor bound for CUDA is first copied to page-locked (pinned) memory, so the
+    copy to the GPU is asynchronous (``non_blocking``) and overlaps with queued kernels; otherwise ``.to``."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

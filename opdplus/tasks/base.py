@@ -78,6 +78,7 @@ _BUILTIN_TASK_MODULES: list[str] = [
     "opdplus.tasks.synthetic",
     "opdplus.tasks.math",
     "opdplus.tasks.bfcl",
+    "opdplus.envs.bfcl_multi_turn",
     "opdplus.envs.scripted",
     "opdplus.envs.synthetic_lookup",
 ]

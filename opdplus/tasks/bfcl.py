@@ -24,12 +24,11 @@ Prompt (``tool_prompt`` option):
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 from opdplus.tasks.base import TaskItem, register_task
 from opdplus.tasks.bfcl_match import format_calls, match_calls, parse_calls, reference_calls
-from opdplus.tasks.data import check_split, package_file, read_jsonl, split_of
+from opdplus.tasks.data import check_split, items_from_pool, package_file, read_jsonl, split_of
 from opdplus.tasks.math import PLAIN_STOP, cut_at_stop
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple")
@@ -159,19 +158,8 @@ class ToolUseTask:
         return len(self.split_items(split))
 
     def items(self, split: str, n: int, seed: int = 0) -> list[TaskItem]:
-        pool = self.split_items(split)
-        if split == "eval":
-            if n > len(pool):
-                raise ValueError(f"tool_use {self.categories} has {len(pool)} eval items, asked for {n}")
-            return pool[:n]
-        if not pool:
-            raise ValueError(f"tool_use {self.categories} has no train items")
-        rng = random.Random(f"opdplus-tool-use-{seed}")
-        out: list[TaskItem] = []
-        while len(out) < n:
-            rng.shuffle(pool)
-            out += pool[: n - len(out)]
-        return out
+        what = f"tool_use {self.categories}"
+        return items_from_pool(self.split_items(split), split, n, seed, rng_key="opdplus-tool-use", what=what)
 
     def parse(self, item: TaskItem, completion: str) -> list[dict[str, Any]] | None:
         return parse_calls(cut_at_stop(completion, item.meta.get("stop")))

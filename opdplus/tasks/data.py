@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,20 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def items_from_pool(pool: list, split: str, n: int, seed: int, *, rng_key: str, what: str) -> list:
+    """``n`` items of a fixed pool: the eval split's first ``n`` in file order (an error past its size); the
+    train split's drawn in shuffled passes over the pool, seeded by ``rng_key`` and ``seed``."""
+    if split == "eval":
+        if n > len(pool):
+            raise ValueError(f"{what} has {len(pool)} eval items, asked for {n}")
+        return pool[:n]
+    if not pool:
+        raise ValueError(f"{what} has no train items")
+    rng = random.Random(f"{rng_key}-{seed}")
+    out: list = []
+    while len(out) < n:
+        rng.shuffle(pool)
+        out += pool[: n - len(out)]
+    return out

@@ -27,6 +27,7 @@ from opdplus.rollout.teacher import LocalTeacher
 from opdplus.rollout.types import Teacher
 from opdplus.tasks.base import Task, TaskItem, get_task
 from opdplus.train.config import ConfigError, LossConfig, SamplerName, TeacherConfig, TrainConfig, divergence_kwargs
+from opdplus.train.precision import enable_tf32
 
 if TYPE_CHECKING:
     from opdplus.rollout.http_teacher import HTTPTeacher
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 
 def build_student(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The student model (LoRA-wrapped when enabled) and its tokenizer."""
+    """The student model (LoRA-wrapped when enabled) and its tokenizer; on CUDA, float32 matmuls use TF32."""
     s = cfg.student
+    enable_tf32(device)
     model, tokenizer = load_model_and_tokenizer(
         s.model, tokenizer=s.tokenizer, dtype=s.dtype, device=device, tiny=dataclasses.asdict(s.tiny)
     )
@@ -93,11 +95,61 @@ def build_one_teacher(
         device=teacher_device,
         tiny=dataclasses.asdict(t.tiny),
     )
+    local = LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.update.logprob_chunk_size)
+    if use_span_path(t, cfg, student_tokenizer, tokenizer, key):
+        from opdplus.rollout.cross_tokenizer import CrossTokenizerTeacher
+
+        return CrossTokenizerTeacher(local, student_tokenizer, tokenizer)
     try:
         check_same_vocabulary(student_tokenizer, tokenizer, student_model, model)
     except ValueError as err:
         raise ConfigError(f"student.model={cfg.student.model!r}, teacher.model={t.model!r}: {err}") from None
-    return LocalTeacher(model, batch_size=t.batch_size, chunk_size=cfg.update.logprob_chunk_size)
+    return local
+
+
+def use_span_path(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, teacher_tokenizer: Any, key: str) -> bool:
+    """Whether the teacher scores spans (docs/derivations.md, "A teacher with another tokenizer"): always with
+    ``cross_tokenizer=true``; with ``auto`` when the tokenizer fingerprints differ (said in one line); with
+    ``false`` never (the vocabulary check then names the difference). Different tokenizers need
+    ``loss.teacher_signal=sampled``."""
+    import sys
+
+    from opdplus.models.fingerprint import tokenizer_fingerprint
+
+    differ = tokenizer_fingerprint(student_tokenizer) != tokenizer_fingerprint(teacher_tokenizer)
+    if differ and t.cross_tokenizer is not False and cfg.loss.teacher_signal != "sampled":
+        raise ConfigError(
+            f"{key}: the teacher's tokenizer differs from the student's, so loss.teacher_signal="
+            f"{cfg.loss.teacher_signal} (over one vocabulary) cannot be used; set loss.teacher_signal=sampled "
+            f"(or {key}.cross_tokenizer=false to require one tokenizer)"
+        )
+    span_path = t.cross_tokenizer is True or (t.cross_tokenizer == "auto" and differ)
+    if span_path and cfg.eval.forward_kl:
+        raise ConfigError(
+            f"eval.forward_kl=true samples from the teacher with the student's tokenizer, but {key} scores across "
+            f"tokenizers; set eval.forward_kl=false (or {key}.cross_tokenizer=false with one tokenizer)"
+        )
+    if t.cross_tokenizer == "auto" and differ:
+        print(
+            f"note: {key}'s tokenizer differs from the student's ({len(teacher_tokenizer)} vs "
+            f"{len(student_tokenizer)} tokens): scoring spans of text across tokenizers ({key}.cross_tokenizer=auto)",
+            file=sys.stderr,
+        )
+    return span_path
+
+
+def check_single_turn_teacher(teacher: Teacher, tasks: dict[str, Task]) -> None:
+    """ConfigError when a task is multi-turn and ``teacher`` (or a routed one) scores across tokenizers: multi-turn
+    rollouts put tool tokens between the student's turns, and span alignment scores single-turn completions only."""
+    multi_turn = sorted(name for name, task in tasks.items() if is_multi_turn(task))
+    routes = getattr(teacher, "teachers", None)
+    parts = routes.values() if isinstance(routes, dict) else [teacher]
+    if multi_turn and any(getattr(part, "cross_tokenizer", False) for part in parts):
+        raise ConfigError(
+            f"data.tasks: the multi-turn task(s) {', '.join(multi_turn)} cannot be scored by a teacher with another "
+            "tokenizer (span alignment is single-turn); use a teacher with the student's tokenizer, or set "
+            "teacher.cross_tokenizer=false to make a tokenizer difference an error"
+        )
 
 
 def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: Any, key: str) -> Teacher:
@@ -118,6 +170,12 @@ def build_served_teacher(t: TeacherConfig, cfg: TrainConfig, student_tokenizer: 
         max_concurrency=t.max_concurrency,
         rows_per_request=t.rows_per_request,
     )
+    if t.tokenizer is not None:
+        teacher_tokenizer = load_tokenizer(t.tokenizer)
+        if use_span_path(t, cfg, student_tokenizer, teacher_tokenizer, key):
+            from opdplus.rollout.cross_tokenizer import CrossTokenizerTeacher
+
+            return CrossTokenizerTeacher(teacher, student_tokenizer, teacher_tokenizer)
     try:
         check_served_vocabulary(teacher, t, cfg, student_tokenizer, key)
     except ConfigError:
@@ -141,8 +199,8 @@ def check_served_vocabulary(
             check_same_tokenizer(student_tokenizer, load_tokenizer(t.tokenizer))
         except ValueError as err:
             raise ConfigError(
-                f"{key}.tokenizer={t.tokenizer!r} is not the student's vocabulary ({err}); cross-tokenizer "
-                "teachers are not supported yet"
+                f"{key}.tokenizer={t.tokenizer!r} is not the student's vocabulary ({err}); set "
+                f"{key}.cross_tokenizer=auto or true to score across tokenizers"
             ) from None
         print(
             f"note: {key}.tokenizer is set and equals the student's vocabulary; the served teacher's tokens are "

@@ -27,6 +27,7 @@ import yaml
 
 from opdplus.ops.advantages import Estimator
 from opdplus.train.distributed import ParallelMode
+from opdplus.train.precision import Precision
 
 Dtype = Literal["float32", "bfloat16", "float16"]  # parameter dtype
 SamplerName = Literal["hf", "fast"]  # hf: transformers generate (the reference) | fast: own decode loop
@@ -35,6 +36,7 @@ Schedule = Literal["constant", "linear", "cosine"]
 Progress = Literal["auto", "bar", "plain", "none"]
 ScoreDecoding = Literal["sample", "greedy"]
 Normalizer = Literal["tokens", "constant"]  # the loss's denominator: sampled tokens of the step | a fixed number
+CrossTokenizer = bool | Literal["auto"]  # true | false | auto (docs/derivations.md, "A teacher with another tokenizer")
 
 # old dotted key -> its current name; presets, overrides and stored configs of resumed runs are translated
 RENAMED_KEYS: dict[str, str] = {
@@ -105,7 +107,15 @@ class TeacherConfig:
     """The frozen model that scores the student's samples: local, or served over HTTP (``url``)."""
 
     model: str = setting("tiny", "a local HF model directory, gguf:<package>/<file.gguf>, or tiny (built from `tiny`)")
-    tokenizer: str | None = setting(None, "a local tokenizer directory; null: the model's")
+    tokenizer: str | None = setting(
+        None, "a local tokenizer directory (or tiny-merges); null: the model's. A served teacher's tokenizer"
+    )
+    cross_tokenizer: CrossTokenizer = setting(
+        "auto",
+        "auto: score by spans when the teacher's tokenizer differs from the student's (a local teacher, or "
+        "teacher.tokenizer); true: always by spans; false: a different tokenizer is an error",
+        choices=lambda: ["auto", "true", "false"],
+    )
     dtype: Dtype = setting("float32", "parameter dtype")
     tiny: TinyModelConfig = setting(
         TinyModelConfig(hidden_size=96, num_layers=3, seed=1), "shape of the model when model=tiny"
@@ -244,6 +254,9 @@ class RunConfig:
     steps: int = setting(10, "training steps")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, mps or xpu")
     threads: int = setting(0, "CPU threads for torch; 0 = torch's default (tiny models run fastest with 1)")
+    precision: Precision = setting(
+        "fp32", "fp32, or bf16-mixed: bfloat16 autocast for sampling and the update over float32 weights and AdamW"
+    )
     checkpoint_every: int = setting(0, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = setting(2, "newest checkpoints kept; 0 = keep all")
     progress: Progress = setting("auto", "auto (a bar on a TTY, plain lines otherwise), bar, plain or none")
@@ -272,6 +285,10 @@ class TrainConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:  # e.g. bool | Literal["auto"]
+        return " | ".join(_type_name(option) for option in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -635,6 +652,12 @@ def validate(cfg: TrainConfig) -> None:
         "or float32 (a float16 teacher is fine)",
     )
     _check(
+        run.precision != "bf16-mixed" or cfg.student.dtype == "float32",
+        f"run.precision=bf16-mixed keeps float32 master weights and optimizer state, so it needs "
+        f"student.dtype=float32 (got {cfg.student.dtype}); student.dtype=bfloat16 with run.precision=fp32 trains "
+        "in bfloat16 throughout",
+    )
+    _check(
         run.steps >= 1 or (run.steps == 0 and cfg.eval.at_start),
         f"run.steps must be >= 1 (or 0 with eval.at_start=true, to evaluate the starting policy only), got {run.steps}",
     )
@@ -728,6 +751,16 @@ def _validate_teachers(cfg: TrainConfig) -> None:
                 t.timeout_s > 0 and t.max_retries >= 0 and t.max_concurrency >= 1 and t.rows_per_request >= 1,
                 f"{key}: timeout_s > 0, max_retries >= 0, max_concurrency >= 1 and rows_per_request >= 1 required",
             )
+        _check(
+            t.cross_tokenizer is not True or cfg.loss.teacher_signal == "sampled",
+            f"{key}.cross_tokenizer=true scores spans of text, so the teacher's top-k and full logits (over another "
+            f"vocabulary) cannot be used; set loss.teacher_signal=sampled (got {cfg.loss.teacher_signal})",
+        )
+        _check(
+            not (t.cross_tokenizer is True and t.url is not None and t.tokenizer is None),
+            f"{key}.cross_tokenizer=true with a served teacher needs its tokenizer: set {key}.tokenizer to a local "
+            "directory with the teacher's tokenizer (the trainer tokenizes and sends ids)",
+        )
         _check(
             not (cfg.loss.teacher_signal == "exact" and t.url is not None),
             f"loss.teacher_signal=exact needs the teacher's full logits, so a local teacher ({key}.url is set); "

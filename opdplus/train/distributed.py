@@ -57,8 +57,13 @@ def init_distributed(device: torch.device, parallelism: str = "ddp") -> tuple[Di
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device))
     return DistContext(rank, world_size, local_rank, parallelism), device
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The collective backend for ``device``: nccl for CUDA (DDP and FSDP2 on GPUs), gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def shutdown(ctx: DistContext, *, wait_for_others: bool = True) -> None:

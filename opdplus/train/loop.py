@@ -18,7 +18,7 @@ import torch
 import opdplus.train.distributed as dist_utils
 from opdplus.models.forward import HiddenForward
 from opdplus.models.load import resolve_device
-from opdplus.ops.advantages import advantages as compute_advantages
+from opdplus.rollout.cross_tokenizer import rollout_advantages, score_rollouts
 from opdplus.rollout.types import TopKTeacher
 from opdplus.train.builders import (
     build_divergence,
@@ -27,6 +27,7 @@ from opdplus.train.builders import (
     build_tasks,
     build_teacher,
     check_prompt_share,
+    check_single_turn_teacher,
     loss_tokens_per_row,
     prompts_for_step,
     sampling_settings,
@@ -42,6 +43,7 @@ from opdplus.train.metrics import (
     timed,
     truncate_metrics,
 )
+from opdplus.train.precision import autocast_for
 from opdplus.train.run_dir import check_run_dir, open_run_dir, remove_replaced_runs
 from opdplus.train.schedule import build_optimizer
 from opdplus.train.state import (
@@ -74,6 +76,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         student, tokenizer = build_student(cfg, device)
         teacher = build_teacher(cfg, tokenizer, student, device)
         tasks = build_tasks(cfg, tokenizer)
+        check_single_turn_teacher(teacher, tasks)
         divergence = build_divergence(cfg.loss)
         run_dir, meta = open_run_dir(cfg, resume=resume, student_tokenizer=tokenizer, ctx=ctx)
 
@@ -118,7 +121,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 seconds: dict[str, float] = {}
 
                 # --- sample: this step's prompts (a pure function of seed and step), completions of the student
-                with timed("sample", seconds, device):
+                with timed("sample", seconds, device), autocast_for(cfg.run.precision, device):
                     prompts = prompts_for_step(tasks, cfg.data.prompts_per_step, cfg.run.seed, step)
                     items = dist_utils.shard_for_rank(prompts, ctx)
                     with dist_utils.gathered(policy):
@@ -126,14 +129,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
                 # --- score: the teacher's log-probs of the sampled tokens (and its top-k for that signal)
                 with timed("score", seconds, device):
-                    batch.teacher_logprobs_B_T = teacher.score(batch)
+                    score_rollouts(teacher, batch)  # a cross-tokenizer teacher also sets the span layout
                     if cfg.loss.teacher_signal == "topk":
                         assert isinstance(teacher, TopKTeacher)  # checked by the builder
                         batch.teacher_topk_ids_B_T_K, batch.teacher_topk_logprobs_B_T_K = teacher.score_topk(
                             batch, cfg.loss.topk
                         )
 
-                with timed("update", seconds, device):
+                with timed("update", seconds, device), autocast_for(cfg.run.precision, device):
                     # --- advantages: from the log-probs of the policy that sampled; with temperature / top-k /
                     # top-p the sampler's distribution is not the student's, so pi_theta is recomputed
                     if settings.is_untempered:
@@ -146,10 +149,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                                 micro_batch_size=cfg.update.micro_batch_size,
                                 chunk_size=cfg.update.logprob_chunk_size,
                             )
-                    advantages_B_T = compute_advantages(
+                    advantages_B_T = rollout_advantages(
+                        batch,
                         rollout_student_lp_B_T,
-                        batch.teacher_logprobs_B_T,
-                        batch.loss_mask_B_T,
                         divergence=divergence,
                         estimator=cfg.loss.estimator,
                         gamma=cfg.loss.gamma,
@@ -186,8 +188,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     update_passes=cfg.update.ppo_epochs,
                     device=device,
                 )
-                tokens = float(count_loss_tokens(batch.loss_mask_B_T))
-                metrics = dist_utils.reduce_metrics(metrics, ctx, weight=tokens)
+                metrics = dist_utils.reduce_metrics(metrics, ctx, weight=float(count_loss_tokens(batch.loss_mask_B_T)))
 
                 # --- eval: held-out prompts every eval.every steps and at the end
                 if (cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.run.steps):

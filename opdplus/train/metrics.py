@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import torch
 
 from opdplus.ops.advantages import log_ratio_clip_fraction, masked_log_ratio
+from opdplus.ops.align import alignment_metrics
 from opdplus.ops.divergences import Divergence
 from opdplus.rollout.types import RolloutBatch, Teacher
 from opdplus.train.config import TrainConfig, to_dict
@@ -161,20 +162,37 @@ def throughput_metrics(seconds: dict[str, float], tokens: float, update_passes: 
 # ---------------------------------------------------------------- metrics.jsonl
 
 
-def _parse_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) pairs; a line cut short by a crash (not valid JSON) is skipped."""
+def metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) pairs of a ``metrics.jsonl``. A last line without its newline (a run killed mid-write) is
+    skipped; any other line that is not a JSON object with a ``step`` is a ValueError naming the file and line."""
+    lines = Path(path).read_text().split("\n")
     out = []
-    for line in text.splitlines():
-        try:
-            out.append((line, json.loads(line)))
-        except ValueError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: cut short by a crash
+                continue
+            raise ValueError(f"{path}: line {number} is not valid JSON ({err}): {line[:80]!r}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(
+                f"{path}: line {number} is not a metrics record (a JSON object with a step): {line[:80]!r}"
+            )
+        out.append((line, record))
     return out
 
 
+def read_metrics_file(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (``metrics_lines``)."""
+    return [record for _, record in metrics_lines(path)]
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/metrics.jsonl``; [] when the run has written none."""
     path = Path(run_dir) / METRICS_FILE
-    return [record for _, record in _parse_lines(path.read_text())] if path.exists() else []
+    return read_metrics_file(path) if path.exists() else []
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -184,7 +202,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
         return
     from opdplus.train.checkpoint import atomic_write_text
 
-    kept = [line for line, record in _parse_lines(path.read_text()) if record.get("step", 0) <= last_step]
+    kept = [line for line, record in metrics_lines(path) if record["step"] <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -338,6 +356,7 @@ def step_metrics(
             divergence, rollout_student_lp_B_T, batch.teacher_logprobs_B_T, batch.loss_mask_B_T, log_ratio_clip
         ),
         **per_task_reverse_kl(rollout_student_lp_B_T, batch),
+        **({} if batch.span_end_B_T is None else alignment_metrics(batch.span_end_B_T, batch.loss_mask_B_T)),
         **{f"adv/{k}": v for k, v in masked_stats(advantages_B_T, batch.loss_mask_B_T).items()},
         **rollout_metrics(batch),
         **{f"perf/{k}": v for k, v in teacher_usage(teacher).items()},

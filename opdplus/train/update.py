@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import torch
 
 import opdplus.train.distributed as dist_utils
-from opdplus.models.forward import completion_logprobs, hidden_forward_of, softcapped
+from opdplus.models.forward import completion_logprobs, decoder_and_head, hidden_forward_of, softcapped
 from opdplus.ops.chunked import chunked_exact_divergence, chunked_topk_divergence
 from opdplus.ops.divergences import Divergence
+from opdplus.ops.fused_head import fused_head_loss
 from opdplus.ops.logprobs import shifted_completion_logprobs
 from opdplus.ops.loss import policy_loss, ratio_clip_fraction
 from opdplus.ops.signals import per_position_divergence_loss
@@ -35,7 +36,8 @@ class MicroBatchLoss:
 
     loss: torch.Tensor
     student_logprobs_B_T: torch.Tensor  # at the current weights, with gradient
-    logged_sums: dict[str, float]  # metric -> sum over loss tokens (divided by the normalizer when logged)
+    # metric -> sum over loss tokens, a 0-d tensor on the device (read once per step, divided by the normalizer)
+    logged_sums: dict[str, torch.Tensor]
 
 
 class UpdateLoss(Protocol):
@@ -65,6 +67,9 @@ class PolicyGradientLoss:
         normalizer: float,
         chunk_size: int,
     ) -> MicroBatchLoss:
+        weight_V_H = fusable_head_weight(model)
+        if weight_V_H is not None:
+            return self.fused(model, weight_V_H, mb, advantages_B_T, clip_eps, normalizer, chunk_size)
         student_lp_B_T = completion_logprobs(
             model, mb.input_ids_B_T, mb.attention_mask_B_T, mb.prompt_len, chunk_size=chunk_size
         )
@@ -77,6 +82,49 @@ class PolicyGradientLoss:
             normalizer=normalizer,
         )
         return MicroBatchLoss(loss, student_lp_B_T, {})
+
+    @staticmethod
+    def fused(
+        model: torch.nn.Module,
+        weight_V_H: torch.Tensor,
+        mb: RolloutBatch,
+        advantages_B_T: torch.Tensor,
+        clip_eps: float | None,
+        normalizer: float,
+        chunk_size: int,
+    ) -> MicroBatchLoss:
+        """The same loss with the LM head, log-probs and the loss's gradient in one pass per block of logits
+        (``opdplus.ops.fused_head``): no recompute of the head in the backward."""
+        start = mb.prompt_len
+        hidden_B_T_H = model(mb.input_ids_B_T, mb.attention_mask_B_T)
+
+        def token_loss(lp_B_c: torch.Tensor, cols: slice) -> torch.Tensor:
+            at = slice(start + cols.start, start + cols.start + lp_B_c.shape[1])
+            return policy_loss(
+                lp_B_c,
+                mb.sampler_logprobs_B_T[:, at],
+                advantages_B_T[:, at],
+                mb.loss_mask_B_T[:, at],
+                clip_eps=clip_eps,
+                normalizer=normalizer,
+            )
+
+        loss, lp_B_C = fused_head_loss(
+            hidden_B_T_H[:, start - 1 : -1], weight_V_H, mb.input_ids_B_T[:, start:], token_loss, chunk_size=chunk_size
+        )
+        student_lp_B_T = torch.cat([lp_B_C.new_zeros(mb.batch_size, start), lp_B_C], dim=1)
+        return MicroBatchLoss(loss, student_lp_B_T, {})
+
+
+def fusable_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight when the update can fuse head and loss: a ``HiddenForward`` policy (maybe in DDP)
+    whose logits are a plain bias-free ``nn.Linear`` without soft-capping, not sharded by FSDP; else None."""
+    policy = hidden_forward_of(model)
+    parts = decoder_and_head(policy.model) if policy is not None else None
+    if parts is None or parts[2] is not None or dist_utils.is_fsdp(model):
+        return None
+    head = parts[1]
+    return head.weight if type(head) is torch.nn.Linear and head.bias is None else None
 
 
 @dataclass(frozen=True)
@@ -109,7 +157,7 @@ class PerPositionLoss:
             clip_eps=clip_eps,
             normalizer=normalizer,
         )
-        used = float(torch.where(mb.loss_mask_B_T, divergence_B_T.detach(), 0.0).sum())
+        used = torch.where(mb.loss_mask_B_T, divergence_B_T.detach(), 0.0).sum()
         return MicroBatchLoss(loss, student_lp_B_T, {f"div/{self.divergence.name}_{self.kind}": used})
 
     def divergence_of(
@@ -210,7 +258,9 @@ def update_policy(
     number of loss tokens in the whole step (summed over all processes) as the normalizer, so neither
     the micro-batch size nor the number of processes changes the update. DDP / FSDP average gradients
     over processes, so the loss is multiplied by the world size. With ``tokens_per_row`` (``loss.normalizer:
-    constant``) the loss is divided by the step's rows times that number instead; logged metrics stay per token."""
+    constant``) the loss is divided by the step's rows times that number instead; logged metrics stay per token.
+    The logged sums stay on the device until the micro-batches are done: one host-device sync per optimizer
+    step (with the gradient norm), none per micro-batch."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     normalizer = max(dist_utils.all_reduce_sum(count_loss_tokens(batch.loss_mask_B_T), ctx), 1.0)
@@ -221,7 +271,7 @@ def update_policy(
     losses, grad_norms, clip_fracs, lrs, logged, skipped = [], [], [], [], [], 0
     for _ in range(ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, clipped, logged_sums = 0.0, 0.0, {}
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=device)}
         for rows in micro_batch_slices(batch.batch_size, micro_batch_size):
             mb = trim_right_padding(batch.select(rows)).to(device)
             adv_B_T = advantages_B_T[rows, : mb.input_ids_B_T.shape[1]].to(device)
@@ -229,14 +279,16 @@ def update_policy(
                 model, mb, adv_B_T, clip_eps=clip_eps, normalizer=loss_normalizer, chunk_size=chunk_size
             )
             (out.loss * ctx.world_size).backward()
-            loss_sum += float(out.loss.detach())
-            for key, value in out.logged_sums.items():
-                logged_sums[key] = logged_sums.get(key, 0.0) + value
+            clipped = {}
             if clip_eps is not None:
                 frac = ratio_clip_fraction(
                     out.student_logprobs_B_T, mb.sampler_logprobs_B_T, adv_B_T, mb.loss_mask_B_T, clip_eps
                 )
-                clipped += float(frac) * count_loss_tokens(mb.loss_mask_B_T)
+                clipped["clipped"] = frac * mb.loss_mask_B_T.sum()
+            for key, value in {"loss": out.loss.detach(), **clipped, **out.logged_sums}.items():
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+        totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the step's one read of the sums
+        loss_sum, clipped_sum = totals.pop("loss"), totals.pop("clipped", 0.0)
         grad_norm = dist_utils.total_grad_norm(params, max_grad_norm)
         lrs.append(optimizer.param_groups[0]["lr"])
         if math.isfinite(grad_norm):
@@ -246,8 +298,8 @@ def update_policy(
         scheduler.step()
         losses.append(dist_utils.all_reduce_sum(loss_sum, ctx))
         grad_norms.append(grad_norm)
-        clip_fracs.append(dist_utils.all_reduce_sum(clipped, ctx) / normalizer)
-        logged.append({k: dist_utils.all_reduce_sum(v, ctx) / normalizer for k, v in logged_sums.items()})
+        clip_fracs.append(dist_utils.all_reduce_sum(clipped_sum, ctx) / normalizer)
+        logged.append({k: dist_utils.all_reduce_sum(v, ctx) / normalizer for k, v in totals.items()})
     optimizer.zero_grad(set_to_none=True)
     return {
         "loss/policy": losses[0],

@@ -205,13 +205,14 @@ def episode_segments(task, item: TaskItem) -> list[tuple[str, bool]]:
     return segments
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (lossless decode) as a ``PreTrainedTokenizerFast`` that adds BOS."""
+def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: Any = None):
+    """A byte-level BPE tokenizer (lossless decode) as a ``PreTrainedTokenizerFast`` that adds BOS; pre-tokens
+    from ``pre_tokenizer`` (default: GPT-2's byte-level split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -540,3 +541,70 @@ def resolve_world_models(train: dict[str, Any], world_root: Path | None = None) 
         for role in roles:
             train[role]["model"] = str(getattr(paths, train[role]["model"][len(WORLD_PREFIX) :]))
     return train
+
+
+# ----------------------------------------------------------------------------------------------
+# A teacher with another tokenizer (cross-tokenizer distillation, docs/results/cross_tokenizer.md)
+# ----------------------------------------------------------------------------------------------
+
+CROSS_TOKENIZER_DIR = WORLD_VERSION + "-xtok"  # next to the world in the cache: teacher/ and world.json
+
+
+def train_word_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer whose pre-tokens are runs of non-space characters with their leading space
+    (" 6.", ' {"name":'), so its merges cross the world tokenizer's punctuation boundaries: the same texts in
+    another vocabulary, with tokens that span several of the world tokenizer's, and a tokenization that looks
+    ahead to the next space (and, for runs of spaces, GPT-2's whitespace lookahead)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r" ?\S+|\s+(?!\S)|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    return train_tokenizer(texts, vocab_size, pre_tokenizer)
+
+
+def cross_tokenizer_teacher_dir(root: Path | None = None) -> Path:
+    """Where the world's teacher with another tokenizer lives: ``$OPDPLUS_CACHE/world-v2-xtok/teacher``."""
+    return (Path(root) if root is not None else cache_root() / CROSS_TOKENIZER_DIR) / "teacher"
+
+
+def ensure_cross_tokenizer_teacher(
+    root: Path | None = None, spec: WorldSpec = DEFAULT_SPEC, log: Log = print, threads: int = 1
+) -> Path:
+    """The directory of a world teacher over ``train_word_tokenizer``'s vocabulary (merges across the world
+    tokenizer's punctuation), trained from scratch on the same data by the same recipe as the world's
+    teacher (``spec.teacher_train``); built when missing. Pair it with the world's student (``ensure_world``)."""
+    out = cross_tokenizer_teacher_dir(root)
+    if (out / "config.json").exists():
+        return out
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        started = time.perf_counter()
+        log(f"building a world teacher with another tokenizer in {out} (a few minutes on a CPU)")
+        tokenizer = train_word_tokenizer(world_texts(spec.tasks, spec.tokenizer_items), spec.vocab_size)
+        pools = {
+            name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in spec.tasks
+        }
+        teacher = make_model(spec.teacher, tokenizer, seed=0)
+        staging = out.with_name(out.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        summary = {
+            "version": CROSS_TOKENIZER_DIR,
+            "vocab_size": len(tokenizer),
+            "teacher": _fit_and_save(teacher, tokenizer, pools, spec.teacher_train, spec, staging, log),
+            "build_seconds": round(time.perf_counter() - started, 1),
+        }
+        (staging / "world.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+        log(f"teacher with another tokenizer built in {summary['build_seconds']:.0f}s")
+        return out
+    finally:
+        torch.set_num_threads(previous_threads)

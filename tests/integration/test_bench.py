@@ -125,3 +125,39 @@ def test_loop_vs_trl_bench_runs_both_trainers():
         assert result[side]["steps"] == 1 and result[side]["tokens_per_step"] == 8
         assert result[side]["peak_mem_mb"] > 0
     assert result["total_tok_s_ratio"] > 0 and result["peak_mem_ratio"] > 0
+
+
+def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
+    """``bench/gpu.py --tiny``: every phase in ``$OUT/gpu.jsonl`` and the whole result as the last line."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=BENCH.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = bench_command.last_json_line(proc.stdout)["gpu"]
+    assert result["ours"]["total_tok_s"] > 0 and result["ours"]["steps"] == 1
+    assert result["bf16_check"]["ok"], result["bf16_check"]
+    assert "total_tok_s" in result["trl"] or "error" in result["trl"]
+    phases = [json.loads(line)["phase"] for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert phases[0] == "setup" and phases[-1] == "done"
+    assert {"ours", "trl", "bf16_check", "decode_paths"} <= set(phases)
+    assert result["decode_paths"]["static_tok_s"] > 0 and result["decode_paths"]["dynamic_tok_s"] > 0
+
+
+def test_gpu_device_script_parses_and_names_existing_files():
+    """``bench/gpu_device.sh`` (the one command run on a lent GPU) is valid bash, and every test file and
+    preset it runs exists, so it cannot rot between the sessions that have a device."""
+    import re
+
+    script = BENCH / "gpu_device.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    paths = re.findall(r"tests/[\w/]+\.py", text)
+    presets = re.findall(r"for preset in ([\w ]+); do", text)[0].split()
+    assert len(paths) >= 4 and presets
+    for path in [*paths, *(f"configs/{p}.yaml" for p in presets), "bench/gpu.py"]:
+        assert (BENCH.parent / path).is_file(), path

@@ -26,9 +26,15 @@ def test_report_of_two_training_runs(tiny_train_config, tmp_path, capsys):
     assert [p["step"] for p in run_a["curve"]] == [1, 2]
     assert load_run(runs / "b")["method"] == "opd_plus/alpha:0.5"
 
-    assert report_run(argparse.Namespace(run_dirs=[runs], out=tmp_path / "out", title="two runs")) == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What the runs show\n\nA narrative kept across regenerations.\n")
+    assert report_run(argparse.Namespace(run_dirs=[runs], out=tmp_path / "out", title="two runs", notes=notes)) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| opd/reverse_kl | 1 |" in text and "| opd_plus/alpha:0.5 | 1 |" in text
+    assert text.rstrip().endswith("A narrative kept across regenerations.")
+    missing = argparse.Namespace(run_dirs=[runs], out=tmp_path / "out2", title="x", notes=tmp_path / "absent.md")
+    assert report_run(missing) == 2
+    assert "cannot read --notes" in capsys.readouterr().err and not (tmp_path / "out2").exists()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {row["method"] for row in summary["rows"]} == {"opd/reverse_kl", "opd_plus/alpha:0.5"}
     with pytest.raises(ValueError, match="no run directories"):
@@ -50,7 +56,7 @@ def test_report_names_the_file_and_line_of_a_corrupt_or_empty_metrics_file(tmp_p
     with pytest.raises(ValueError, match=message):
         load_run(run)
 
-    assert report_run(argparse.Namespace(run_dirs=[run], out=tmp_path / "out", title="corrupt")) == 2
+    assert report_run(argparse.Namespace(run_dirs=[run], out=tmp_path / "out", title="corrupt", notes=None)) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.md").exists()
 

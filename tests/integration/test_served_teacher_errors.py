@@ -70,13 +70,42 @@ def test_a_served_teacher_with_another_vocabulary_is_a_config_error(
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or read_metrics(tmp_path / "run") == []
 
 
-def test_a_served_teacher_whose_known_tokenizer_differs_is_not_supported_yet(
-    tiny_train_config, tmp_path, other_vocab_server, other_vocab_dir, monkeypatch
+def test_a_served_teacher_whose_known_tokenizer_differs_scores_spans_unless_false(
+    tiny_train_config, tmp_path, other_vocab_server, other_vocab_dir, monkeypatch, capsys
 ):
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    cfg = tiny_train_config(tmp_path / "run", *served(other_vocab_server), f"teacher.tokenizer={other_vocab_dir}")
-    with pytest.raises(ConfigError, match=r"teacher.tokenizer=.* cross-tokenizer teachers are not supported yet"):
+    known = [*served(other_vocab_server), f"teacher.tokenizer={other_vocab_dir}"]
+    cfg = tiny_train_config(tmp_path / "false", *known, "teacher.cross_tokenizer=false")
+    with pytest.raises(ConfigError, match=r"teacher.tokenizer=.* is not the student's vocabulary .*cross_tokenizer"):
         train(cfg)
+    result = train(tiny_train_config(tmp_path / "auto", *known))
+    (row,) = read_metrics(result.run_dir)
+    assert "align/spans_per_token" in row and "scoring spans of text across tokenizers" in capsys.readouterr().err
+
+
+def test_a_served_cross_tokenizer_teacher_scores_like_the_local_one(other_vocab_server, other_vocab_dir, monkeypatch):
+    """The trainer tokenizes with the teacher's tokenizer and sends ids: served and local scores agree."""
+    import torch
+
+    from opdplus.models.load import load_model_and_tokenizer
+    from opdplus.models.tiny import build_char_tokenizer, build_tiny_model
+    from opdplus.rollout.cross_tokenizer import CrossTokenizerTeacher
+    from opdplus.rollout.http_teacher import HTTPTeacher
+    from opdplus.rollout.sampler import Sampler, SamplingSettings
+    from opdplus.rollout.teacher import LocalTeacher
+    from opdplus.tasks.base import get_task
+
+    student_tokenizer = build_char_tokenizer()
+    student = build_tiny_model(len(student_tokenizer), hidden_size=32, intermediate_size=64, seed=0)
+    sampler = Sampler(student, student_tokenizer, SamplingSettings(max_new_tokens=10), torch.Generator().manual_seed(0))
+    batch = sampler.sample(get_task("contains").items("train", 4, seed=0))
+    model, teacher_tokenizer = load_model_and_tokenizer(str(other_vocab_dir))
+    local = CrossTokenizerTeacher(LocalTeacher(model), student_tokenizer, teacher_tokenizer).score_spans(batch)
+    with HTTPTeacher(other_vocab_server.url, api_key=API_KEY, max_retries=0) as http:
+        remote = CrossTokenizerTeacher(http, student_tokenizer, teacher_tokenizer).score_spans(batch)
+    assert torch.equal(local.loss_mask_B_T, remote.loss_mask_B_T) and bool(local.loss_mask_B_T.any())
+    assert torch.equal(local.span_end_B_T, remote.span_end_B_T)
+    torch.testing.assert_close(local.teacher_logprobs_B_T, remote.teacher_logprobs_B_T, rtol=1e-4, atol=1e-4)
 
 
 def test_a_served_teacher_with_the_students_vocabulary_trains(

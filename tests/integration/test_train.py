@@ -284,7 +284,10 @@ def test_vocabulary_mismatch_is_caught_with_both_sizes(tmp_path, tiny_train_conf
     from opdplus.models.tiny import build_char_tokenizer
 
     build_char_tokenizer(chars="0123456789 abc").save_pretrained(tmp_path / "small_tok")
-    cfg = tiny_train_config(tmp_path / "run", f"teacher.tokenizer={tmp_path / 'small_tok'}")
+    # cross_tokenizer=false: one tokenizer required (auto would score spans across the two tokenizers)
+    cfg = tiny_train_config(
+        tmp_path / "run", f"teacher.tokenizer={tmp_path / 'small_tok'}", "teacher.cross_tokenizer=false"
+    )
     with pytest.raises(ConfigError, match=r"student tokenizer has 102 tokens, teacher tokenizer has 19"):
         train(cfg)
 

@@ -109,3 +109,37 @@ def test_check_cli_prints_and_returns_the_multiturn_case(capsys):
     assert payload["multiturn"]["turns"] == "ssess" and len(payload["multiturn"]["rows"]) == len(DIVS)
     assert main(["check"]) == 0
     assert "unbiased for every divergence with the environment in the loop" in capsys.readouterr().out
+
+
+def test_cross_tokenizer_case_exact_for_every_divergence_and_naive_biased():
+    rows = check.run_cross_tokenizer_check(depth=3, seed=0)
+    assert check.cross_tokenizer_passed(rows)
+    for row in rows:
+        assert row["opd_plus"] <= check.OPD_PLUS_TOLERANCE
+        assert row["naive"] > check.NAIVE_MIN_ERROR
+        assert (row["opd"] <= check.OPD_PLUS_TOLERANCE) == (row["divergence"] == "reverse_kl")
+    assert max(row["naive"] for row in rows) > 0.05
+
+
+def test_cross_tokenizer_returns_from_the_start_are_exact_too():
+    """Declaring no span final (every return from the first token) keeps only more baseline: still exact."""
+    import dataclasses
+
+    problem = check.CrossTokenizerProblem.build(3)
+    everything = dataclasses.replace(problem, return_from_Y_D=torch.zeros_like(problem.return_from_Y_D))
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(len(problem.student.context_prefixes), 3, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(len(problem.teacher_contexts), 4, generator=generator, dtype=torch.float64)
+    spans = problem.teacher_span_logprobs(teacher)
+    div = get_divergence("forward_kl")
+    theta = student.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(check.cross_tokenizer_objective(theta, spans, problem, div), theta)
+    estimate = check.cross_tokenizer_estimator_gradient(student, spans, everything, div, "opd_plus")
+    assert float((estimate - reference).norm() / reference.norm()) < 1e-10
+
+
+def test_check_cli_reports_the_cross_tokenizer_case(capsys):
+    assert main(["check", "--json", "--vocab", "3", "--depth", "2"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["check"]
+    assert payload["cross_tokenizer"]["passed"] is True
+    assert len(payload["cross_tokenizer"]["rows"]) == len(check.check_divergences())

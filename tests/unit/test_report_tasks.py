@@ -12,16 +12,19 @@ from opdplus.report import t_interval, wilson_interval, write_report
 
 
 def test_t_interval_uses_n_minus_1_degrees_of_freedom():
-    lo, hi = t_interval([0.1, 0.2, 0.3])  # mean 0.2, std 0.1, t(2) = 4.303
+    interval = t_interval([0.1, 0.2, 0.3])
+    assert interval is not None
+    lo, hi = interval  # mean 0.2, std 0.1, t(2) = 4.303
     assert (lo + hi) / 2 == pytest.approx(0.2)
     assert (hi - lo) / 2 == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-4)
     assert t_interval([0.5]) is None
 
 
 def test_wilson_interval():
-    lo, hi = wilson_interval(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
-    assert wilson_interval(0, 200)[0] == 0.0 and 0 < wilson_interval(0, 200)[1] < 0.02
+    half, none = wilson_interval(50, 100), wilson_interval(0, 200)
+    assert half is not None and none is not None
+    assert half[0] == pytest.approx(0.4038, abs=1e-4) and half[1] == pytest.approx(0.5962, abs=1e-4)
+    assert none[0] == 0.0 and 0 < none[1] < 0.02
 
 
 def _sweep(root: Path, task: str, key: str, accuracies: dict[str, list[float]], teacher: float) -> Path:
@@ -65,3 +68,13 @@ def test_report_of_two_task_sweeps(tmp_path):
     assert len(copied) == 9
     text = report.read_text()
     assert "| opd_plus/jsd | 3 | 0.600 ± 0.100 |" in text and "**tool_use**" in text
+    lo, hi = math_plus["acc_run_ci95"][0]
+    assert f"0.500 [{lo:.2f}, {hi:.2f}]" in text  # each seed with its own interval over the items
+
+
+def test_one_seed_has_no_standard_deviation(tmp_path):
+    sweep = _sweep(tmp_path, "math", "math_acc", {"opd/jsd": [0.25]}, 0.8)
+    report = write_report([sweep], tmp_path / "report")
+    entry = json.loads((tmp_path / "report" / "summary.json").read_text())["tasks"]["math"]["runs"]["opd/jsd"]
+    assert entry["acc_std"] is None and entry["acc_ci95"] is None and entry["acc_run_ci95"][0] is not None
+    assert "| opd/jsd | 1 | 0.250 | – | 0.250 [" in report.read_text()
