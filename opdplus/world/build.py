@@ -432,10 +432,10 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 def _fit_and_save(model, tokenizer, pools, train_spec: TrainSpec, spec: WorldSpec, out: Path, log: Log) -> dict:
-    """Train ``model`` by ``train_spec``, report its held-out accuracy,
-    save it to ``out``; the summary."""
+    """Train ``model`` by ``train_spec`` on ``pools``, report its held-out accuracy on their tasks, save it to
+    ``out``; the summary."""
     fit = train_until(model, tokenizer, pools, train_spec, spec.max_new_tokens, log)
-    tasks = {name: get_task(name) for name in spec.tasks}
+    tasks = {name: get_task(name) for name in pools}
     held_out = greedy_accuracy(
         model,
         tokenizer,
@@ -590,10 +590,10 @@ def ensure_cross_tokenizer_teacher(
         hf_logging.disable_progress_bar()
         started = time.perf_counter()
         log(f"building a world teacher with another tokenizer in {out} (a few minutes on a CPU)")
-        tokenizer = train_word_tokenizer(world_texts(spec.tasks, spec.tokenizer_items), spec.vocab_size)
-        pools = {
-            name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in spec.tasks
-        }
+        # single-turn tasks only: multi-turn rollouts with a cross-tokenizer teacher are a config error
+        tasks = tuple(name for name in spec.tasks if not is_multi_turn(get_task(name)))
+        tokenizer = train_word_tokenizer(world_texts(tasks, spec.tokenizer_items), spec.vocab_size)
+        pools = {name: encode_examples(tokenizer, get_task(name).items("train", spec.train_pool)) for name in tasks}
         teacher = make_model(spec.teacher, tokenizer, seed=0)
         staging = out.with_name(out.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
