@@ -95,7 +95,7 @@ class PlainHead:
     def sample_ids(self, prompts):
         import opdplus.rollout.fast_sampler as fast_sampler
 
-        chosen, fast_sampler.head_logits = fast_sampler.head_logits, lambda head, hidden: head(hidden)
+        chosen, fast_sampler.head_logits = fast_sampler.head_logits, lambda head, hidden, weight=None: head(hidden)
         try:
             return self.sampler.sample_ids(prompts)
         finally:

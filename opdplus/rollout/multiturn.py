@@ -344,7 +344,7 @@ class _CachedTurns:
         self.next_position_B = torch.zeros(0, dtype=torch.long)
 
     def turn(self, episodes: list[_Episode], budgets: list[int]) -> list[tuple[list[int], list[float]]]:
-        from opdplus.rollout.fast_sampler import DirectDecoder, inverse_cdf_sample, new_kv_cache
+        from opdplus.rollout.fast_sampler import DirectDecoder, cpu_head_weight_H_V, inverse_cdf_sample, new_kv_cache
 
         sampler = self.sampler
         device = sampler.device
@@ -371,7 +371,9 @@ class _CachedTurns:
             **{sampler._cache_kwarg: self.cache},
         ).logits[:, -1]
         next_position_b = position_b_N[:, -1] + 1
-        decode_step = sampler._decode_step(DirectDecoder.supports(sampler.model, self.cache))
+        direct = DirectDecoder.supports(sampler.model, self.cache)
+        decode_step = sampler._decode_step(direct)
+        head_weight_H_V = cpu_head_weight_H_V(DirectDecoder.head_of(sampler.model), len(episodes)) if direct else None
         eos_E = torch.tensor(sampler.eos_ids, device=device)
         budget_b = torch.tensor(budgets, device=device)
         running_b = torch.ones(len(episodes), dtype=torch.bool, device=device)
@@ -386,7 +388,7 @@ class _CachedTurns:
                 break
             self.attention_B_S = torch.cat([self.attention_B_S, running_b[:, None]], dim=1)
             fed_b = torch.where(running_b, token_b, torch.full_like(token_b, sampler.pad_id))
-            logits_b_V = decode_step(fed_b, next_position_b, self.attention_B_S, self.cache)
+            logits_b_V = decode_step(fed_b, next_position_b, self.attention_B_S, self.cache, head_weight_H_V)
             next_position_b = next_position_b + running_b.long()
         self.next_position_B = next_position_b
         tokens_b_C, logprobs_b_C, drawn_b_C = tokens_b_C.cpu(), logprobs_b_C.cpu(), drawn_b_C.cpu()

@@ -42,31 +42,32 @@ class SamplingSettings:
         return not self.greedy and self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
 
 
-def multinomial_sample(logprobs_B_V: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row drawn from ``softmax(logprobs)`` by ``torch.multinomial``."""
-    return torch.multinomial(logprobs_B_V.exp(), 1, generator=generator).squeeze(-1)
+def multinomial_sample(logweights_B_V: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token_B, logprob_B)``: one token per row drawn from ``softmax(logweights)`` by ``torch.multinomial``,
+    and its log-prob under that distribution."""
+    logprobs_B_V = torch.log_softmax(logweights_B_V, dim=-1)
+    token_B = torch.multinomial(logprobs_B_V.exp(), 1, generator=generator).squeeze(-1)
+    return token_B, logprobs_B_V.gather(-1, token_B[:, None]).squeeze(-1)
 
 
 def draw_tokens(
     logits_B_V: torch.Tensor,
     settings: SamplingSettings,
     generator: torch.Generator,
-    sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = multinomial_sample,
+    sample: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] = multinomial_sample,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_B, logprob_B)``: the next token of every row and its log-prob under the distribution
-    drawn from (``sampling_logprobs`` of ``settings``, sampled with ``sample``); with ``settings.greedy``
-    the argmax of the logits, with log-prob 0."""
+    drawn from (``sampling_logprobs`` of ``settings``, sampled with ``sample``, which takes unnormalised
+    log-weights); with ``settings.greedy`` the argmax of the logits, with log-prob 0."""
     if settings.greedy:
         token_B = logits_B_V.argmax(-1)
         return token_B, torch.zeros(token_B.shape, device=logits_B_V.device)
-    if settings.is_untempered:  # the student's own distribution: skip sampling_logprobs' filtering passes
-        logprobs_B_V = torch.log_softmax(logits_B_V.float(), dim=-1)
-    else:
-        logprobs_B_V = sampling_logprobs(
-            logits_B_V, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p
-        )
-    token_B = sample(logprobs_B_V, generator)
-    return token_B, logprobs_B_V.gather(-1, token_B[:, None]).squeeze(-1)
+    if settings.is_untempered:  # the student's own distribution: the logits are its log-weights
+        return sample(logits_B_V.float(), generator)
+    logprobs_B_V = sampling_logprobs(
+        logits_B_V, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p
+    )
+    return sample(logprobs_B_V, generator)
 
 
 class _SampleAndRecord(LogitsProcessor):

@@ -15,6 +15,7 @@ from opdplus.rollout.fast_sampler import FastSampler, PreallocatedLayer, inverse
 from opdplus.rollout.sampler import Sampler, SamplingSettings, left_pad
 from opdplus.tasks.base import TaskItem
 
+HEAD_LOGITS = fast_sampler.head_logits
 PROMPTS = ["hello world", "ab", "count: 1 2 3 4 5", "x", "the quick brown fox"]
 
 
@@ -93,9 +94,18 @@ def test_greedy_tokens_equal_hf_generate(tokenizer, monkeypatch, direct, greedy)
     assert torch.equal(batch.truncated_B, lengths == max_new)
 
 
+@pytest.mark.parametrize("head_layout", [False, True], ids=["head_call", "transposed_head"])
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.0, 20)])
-def test_sampler_logprobs_equal_teacher_forced_forward(tokenizer, temperature, top_k):
+def test_sampler_logprobs_equal_teacher_forced_forward(tokenizer, monkeypatch, temperature, top_k, head_layout):
     model = make_model(tokenizer)
+    monkeypatch.setattr(fast_sampler, "CPU_HEAD_LAYOUT_MIN_VOCAB", 0 if head_layout else 10**9)
+    laid_out = []  # per decode step: was the transposed weight given
+
+    def head_logits(head, hidden_b_H, weight_H_V=None):
+        laid_out.append(weight_H_V is not None)
+        return HEAD_LOGITS(head, hidden_b_H, weight_H_V)
+
+    monkeypatch.setattr(fast_sampler, "head_logits", head_logits)
     settings = SamplingSettings(max_new_tokens=24, temperature=temperature, top_k=top_k)
     with pytest.warns(UserWarning) if temperature != 1.0 else contextlib.nullcontext():
         sampler = FastSampler(model, tokenizer, settings, torch.Generator().manual_seed(3))
@@ -103,6 +113,7 @@ def test_sampler_logprobs_equal_teacher_forced_forward(tokenizer, temperature, t
     forced_B_T = completion_logprobs(
         model, batch.input_ids_B_T, batch.attention_mask_B_T, batch.prompt_len, temperature=temperature
     ).detach()
+    assert set(laid_out) == {head_layout}
     if top_k:  # the sampler's distribution is renormalised over the top k: its log-probs are >= the full ones
         assert (batch.sampler_logprobs_B_T >= forced_B_T.where(batch.loss_mask_B_T, 0.0) - 1e-5).all()
         return
@@ -143,10 +154,18 @@ def test_same_rollout_batch_as_reference_sampler_when_greedy(tokenizer, greedy):
 def test_inverse_cdf_sample_matches_distribution_and_never_draws_zero_mass():
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
     logprobs_b_V = probs.log().expand(20_000, -1)
-    draws = inverse_cdf_sample(logprobs_b_V, torch.Generator().manual_seed(0))
+    draws, logprobs_b = inverse_cdf_sample(logprobs_b_V + 7.0, torch.Generator().manual_seed(0))  # unnormalised
     freq = torch.bincount(draws, minlength=6).double() / draws.numel()
     assert (freq[probs == 0] == 0).all()
     torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+    torch.testing.assert_close(logprobs_b, probs.log()[draws], atol=1e-6, rtol=0)
+
+
+def test_inverse_cdf_log_prob_equals_log_softmax_at_a_large_vocabulary():
+    logits_b_V = torch.randn(8, 49152, generator=torch.Generator().manual_seed(0)) * 4
+    tokens_b, logprobs_b = inverse_cdf_sample(logits_b_V, torch.Generator().manual_seed(1))
+    exact_b = torch.log_softmax(logits_b_V.double(), -1).gather(-1, tokens_b[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs_b.double(), exact_b, atol=1e-5, rtol=0)
 
 
 def test_cache_kind_follows_layer_types(tokenizer):
@@ -176,12 +195,18 @@ def test_lora_student_direct_decoder_matches_teacher_forced_forward(tokenizer):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_head_logits_equals_the_head_for_every_row_count(bias):
-    """The transposed CPU layout (2-8 rows, vocab >= 8192) and the plain call give the same logits."""
+    """The transposed CPU layout (at most 8 rows, vocab >= 8192) and the plain call give the same logits."""
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 8192, bias=bias)
-    for rows in range(1, 11):
+    for rows in range(1, 9):
+        weight_H_V = fast_sampler.cpu_head_weight_H_V(head, rows)
+        assert weight_H_V is not None and weight_H_V.shape == (32, 8192) and weight_H_V.is_contiguous()
         hidden_b_H = torch.randn(rows, 32)
-        torch.testing.assert_close(fast_sampler.head_logits(head, hidden_b_H), head(hidden_b_H), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            fast_sampler.head_logits(head, hidden_b_H, weight_H_V), head(hidden_b_H), rtol=1e-5, atol=1e-5
+        )
+    assert fast_sampler.cpu_head_weight_H_V(head, 9) is None  # wide blocks: the call itself
     small = torch.nn.Linear(32, 64)
+    assert fast_sampler.cpu_head_weight_H_V(small, 4) is None  # small heads: the call itself
     hidden_b_H = torch.randn(4, 32)
-    assert torch.equal(fast_sampler.head_logits(small, hidden_b_H), small(hidden_b_H))  # small heads: the call itself
+    assert torch.equal(fast_sampler.head_logits(small, hidden_b_H), small(hidden_b_H))
