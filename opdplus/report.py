@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 COLUMNS = (
     ("math_acc", "math acc"),
     ("tool_acc", "tool-use acc"),
+    ("multiturn_acc", "multi-turn acc"),
     ("reverse_kl", "held-out reverse KL"),
     ("steps", "steps"),
     ("wall_s", "wall s"),
@@ -169,7 +170,8 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float] | None
     return [max(0.0, center - half), min(1.0, center + half)]
 
 
-ACCURACY_TASKS = {"math_acc": "math", "tool_acc": "tool_use"}  # result key -> task name
+ACCURACY_TASKS = {"math_acc": "math", "tool_acc": "tool_use", "multiturn_acc": "lookup"}  # result key -> task name
+OPTIONAL_COLUMNS = ("multiturn_acc",)  # shown only when some row has a value
 
 
 def task_summaries(runs: list[dict[str, Any]], reference: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -269,14 +271,19 @@ def copy_samples(runs: list[dict[str, Any]], out_dir: Path) -> int:
 def markdown_table(rows: list[dict[str, Any]], fixed_rows: list[dict[str, Any]] | None = None) -> str:
     """A markdown table of aggregated rows; ``fixed_rows`` (e.g. teacher, starting student) go first and
     hold plain numbers."""
-    header = "| method | n | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    columns = [
+        (k, title)
+        for k, title in COLUMNS
+        if k not in OPTIONAL_COLUMNS or any(row.get(k) is not None for row in [*rows, *(fixed_rows or [])])
+    ]
+    header = "| method | n | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
     for row in fixed_rows or []:
-        cells = [_cell((float(row[k]), 0.0) if row.get(k) is not None else None, k, 1) for k, _ in COLUMNS]
+        cells = [_cell((float(row[k]), 0.0) if row.get(k) is not None else None, k, 1) for k, _ in columns]
         lines.append(f"| {row['method']} | – | " + " | ".join(cells) + " |")
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['n']} | " + " | ".join(_cell(row[k], k, row["n"]) for k, _ in COLUMNS) + " |"
+            f"| {row['method']} | {row['n']} | " + " | ".join(_cell(row[k], k, row["n"]) for k, _ in columns) + " |"
         )
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-items", type=int, default=200, help="held-out problems per task for the final evaluation"
     )
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
-    parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v2)")
+    parser.add_argument("--world", type=Path, default=None, help="world directory (default: $OPDPLUS_CACHE/world-v3)")
     parser.add_argument(
         "overrides",
         nargs="*",

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="world directory (default: $OPDPLUS_CACHE/world-v2, $OPDPLUS_CACHE defaults to ~/.cache/opdplus)",
+        help="world directory (default: $OPDPLUS_CACHE/world-v3, $OPDPLUS_CACHE defaults to ~/.cache/opdplus)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even when the world is already cached")
     parser.add_argument(

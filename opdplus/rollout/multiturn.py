@@ -201,7 +201,11 @@ def _run_block(sampler: Sampler, episodes: list[_Episode], limits: EpisodeLimits
 def assistant_turn(tokenizer: Any, turn_ids: list[int]) -> AssistantTurn:
     """The ``AssistantTurn`` of a turn's sampled tokens (end-of-turn token excluded): its text and parsed calls;
     ``malformed`` when it starts like a call and does not parse (``parse_calls`` returns None)."""
-    text = tokenizer.decode(turn_ids, skip_special_tokens=False)
+    return assistant_turn_of_text(tokenizer.decode(turn_ids, skip_special_tokens=False))
+
+
+def assistant_turn_of_text(text: str) -> AssistantTurn:
+    """The ``AssistantTurn`` of a turn's text: the calls ``parse_calls`` finds, ``malformed`` when it returns None."""
     calls = parse_calls(text)
     return AssistantTurn(text=text, calls=calls or [], malformed=calls is None)
 

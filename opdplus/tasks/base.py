@@ -80,6 +80,7 @@ _BUILTIN_TASK_MODULES: list[str] = [
     "opdplus.tasks.bfcl",
     "opdplus.envs.bfcl_multi_turn",
     "opdplus.envs.scripted",
+    "opdplus.envs.synthetic_lookup",
 ]
 
 

@@ -1,11 +1,12 @@
-"""`opdplus demo`: OPD vs OPD+ on the synthetic math and tool-use world, in minutes on a CPU.
+"""`opdplus demo`: OPD vs OPD+ on the synthetic math, tool-use and multi-turn world, in minutes on a CPU.
 
-1. Builds (or loads) the cached demo world: a teacher at >= 95% and a pruned student well below it.
+1. Builds (or loads) the cached demo world: a teacher at >= 95% and a pruned student well below it, on three
+   tasks: math word problems, one JSON tool call, and multi-turn lookups (call a tool, read its answer, compute).
 2. Distils the same starting student with ``opd`` and ``opd_plus`` for reverse KL, forward KL and
    JSD: same seed, same budget, two runs at a time (one CPU thread each).
-3. Evaluates every final student on held-out problems (greedy accuracy per task, exact reverse KL
-   to the teacher), prints a table, writes ``report.md`` and ``curves.png`` into the run directory
-   and prints, as its last line, one JSON object ``{"demo": {...}}``.
+3. Evaluates every final student on held-out problems (greedy accuracy per task, by greedy episodes for
+   the multi-turn task; exact reverse KL to the teacher), prints a table, writes ``report.md`` and
+   ``curves.png`` into the run directory and prints, as its last line, one JSON object ``{"demo": {...}}``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from opdplus.ops.advantages import ESTIMATORS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ACCURACIES = ("math_acc", "tool_acc", "multiturn_acc")  # greedy held-out accuracy per world task
 
 # The distillation config of every demo run (a complete `opdplus train` config; models are filled in). It lives
 # in the source tree, next to the package, like bench/.
@@ -48,21 +50,24 @@ def teacher_accuracy(info: dict, teacher, tokenizer, eval_items: int) -> dict[st
     items, else measured now."""
     from opdplus.eval.runner import greedy_accuracy, held_out_items
     from opdplus.tasks.base import get_task
+    from opdplus.world.build import WORLD_LIMITS
+    from opdplus.world.evaluate import ACCURACY_KEYS
 
     accuracy = info["teacher"]["eval_accuracy"]
     if info["spec"]["eval_items"] != eval_items:
         tasks = {name: get_task(name) for name in accuracy}
-        accuracy = greedy_accuracy(teacher, tokenizer, tasks, held_out_items(tasks, eval_items, 0), max_new_tokens=48)
-    return {"math_acc": round(accuracy["synthetic_math"], 4), "tool_acc": round(accuracy["synthetic_tool_use"], 4)}
+        items = held_out_items(tasks, eval_items, 0)
+        accuracy = greedy_accuracy(teacher, tokenizer, tasks, items, max_new_tokens=48, limits=WORLD_LIMITS)
+    return {ACCURACY_KEYS[name]: round(acc, 4) for name, acc in accuracy.items()}
 
 
 def demo_summary(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
     """The last-line JSON: teacher, starting student and one entry per run."""
-    keep = ("math_acc", "tool_acc", "reverse_kl")
+    keep = (*ACCURACIES, "reverse_kl")
     teacher, start = rows
     return {
         "demo": {
-            "teacher": {k: teacher[k] for k in ("math_acc", "tool_acc")},
+            "teacher": {k: teacher[k] for k in ACCURACIES},
             "student_start": {k: start[k] for k in keep},
             "runs": {
                 r["method"]: {**{k: r[k] for k in keep}, "steps": r["steps"], "wall_s": r["wall_s"]} for r in results
@@ -72,12 +77,13 @@ def demo_summary(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> d
 
 
 def print_table(rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
-    print(f"{'method':22s} {'math acc':>9s} {'tool acc':>9s} {'rev. KL':>9s} {'steps':>6s} {'wall s':>7s}")
+    print(
+        f"{'method':22s} {'math acc':>9s} {'tool acc':>9s} {'mt acc':>9s} {'rev. KL':>9s} {'steps':>6s} {'wall s':>7s}"
+    )
     for r in [*rows, *results]:
         steps, wall = (f"{r['steps']:6d}", f"{r['wall_s']:7.0f}") if "steps" in r else ("", "")
-        print(
-            f"{r['method']:22s} {r['math_acc']:9.3f} {r['tool_acc']:9.3f} {r['reverse_kl']:9.4f} {steps:>6s} {wall:>7s}"
-        )
+        accuracies = " ".join(f"{r[k]:9.3f}" for k in ACCURACIES)
+        print(f"{r['method']:22s} {accuracies} {r['reverse_kl']:9.4f} {steps:>6s} {wall:>7s}")
 
 
 def run_demo(
@@ -114,7 +120,7 @@ def run_demo(
     ]
     print(
         f"starting student: math {start['math_acc']:.3f}  tool {start['tool_acc']:.3f}  "
-        f"reverse KL {start['reverse_kl']:.4f}"
+        f"multi-turn {start['multiturn_acc']:.3f}  reverse KL {start['reverse_kl']:.4f}"
     )
     train = resolve_world_models(demo_train_config(steps, overrides), world_root)
     steps = train["run"]["steps"]

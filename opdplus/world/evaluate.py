@@ -8,7 +8,11 @@ from typing import Any
 
 import torch
 
+from opdplus.rollout.multiturn import EpisodeLimits
 from opdplus.sweep import RunSpec
+
+# result keys of the world's tasks (the report's columns, opdplus.report.COLUMNS); another task: <task>_acc
+ACCURACY_KEYS = {"synthetic_math": "math_acc", "synthetic_tool_use": "tool_acc", "synthetic_lookup": "multiturn_acc"}
 
 
 @torch.no_grad()
@@ -40,27 +44,38 @@ def evaluate_student(
     seed: int = 0,
     max_new_tokens: int = 48,
     tasks: tuple[str, ...] | None = None,
+    limits: EpisodeLimits | None = None,
 ) -> dict[str, float]:
-    """``math_acc`` / ``tool_acc`` (greedy, ``items`` held-out items per task) and ``reverse_kl`` (exact,
-    per token, on one temperature-1 sample of the student per held-out item)."""
+    """``math_acc`` / ``tool_acc`` / ``multiturn_acc`` (greedy, ``items`` held-out items per task; a multi-turn
+    task's greedy episodes bounded by ``limits``, default ``WORLD_LIMITS``, with ``max_new_tokens`` per turn) and
+    ``reverse_kl`` (exact, per student token, on one temperature-1 sample of the student per held-out item: a
+    completion, or a whole episode)."""
+    from dataclasses import replace
+
+    from opdplus.envs.base import is_multi_turn
     from opdplus.eval.runner import greedy_accuracy, held_out_items
+    from opdplus.rollout.multiturn import EpisodeSampler
     from opdplus.rollout.sampler import Sampler, SamplingSettings
     from opdplus.tasks.base import get_task
-    from opdplus.world.build import WORLD_TASKS
+    from opdplus.world.build import WORLD_LIMITS, WORLD_TASKS
 
+    limits = replace(limits or WORLD_LIMITS, max_new_tokens=max_new_tokens)
     by_name = {name: get_task(name) for name in tasks or WORLD_TASKS}
     items_by_task = held_out_items(by_name, items, seed)
-    accuracy = greedy_accuracy(student, tokenizer, by_name, items_by_task, max_new_tokens=max_new_tokens)
+    accuracy = greedy_accuracy(student, tokenizer, by_name, items_by_task, max_new_tokens=max_new_tokens, limits=limits)
     held_out = [item for task_items in items_by_task.values() for item in task_items]
     generator = torch.Generator().manual_seed(seed)
-    sampler = Sampler(student, tokenizer, SamplingSettings(max_new_tokens=max_new_tokens, batch_size=256), generator)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, batch_size=256)
+    sampler = Sampler(student, tokenizer, settings, generator)
+    multi_turn = [task for task in by_name.values() if is_multi_turn(task)]
+    if multi_turn:
+        sampler = EpisodeSampler(sampler, multi_turn, limits)
     kls, weights = [], []
     for start in range(0, len(held_out), 256):
         batch = sampler.sample(held_out[start : start + 256])
         kls.append(exact_reverse_kl(student, teacher, batch))
         weights.append(float(batch.loss_mask_B_T.sum()))
-    short = {"synthetic_math": "math_acc", "synthetic_tool_use": "tool_acc"}
-    result = {short.get(name, f"{name}_acc"): round(acc, 4) for name, acc in accuracy.items()}
+    result = {ACCURACY_KEYS.get(name, f"{name}_acc"): round(acc, 4) for name, acc in accuracy.items()}
     result["reverse_kl"] = round(sum(k * w for k, w in zip(kls, weights)) / max(sum(weights), 1.0), 5)
     return result
 
@@ -69,6 +84,7 @@ def evaluate_run(spec: RunSpec, cfg: Any, checkpoint: Path) -> dict[str, Any]:
     """The sweep runner's evaluation hook for world runs: the final student of ``checkpoint`` against
     ``cfg``'s teacher on ``spec.eval_items`` held-out items per task."""
     from opdplus.models.load import load_model_and_tokenizer
+    from opdplus.train.builders import episode_limits
 
     student, tokenizer = load_model_and_tokenizer(str(checkpoint / "model"))
     teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
@@ -80,6 +96,7 @@ def evaluate_run(spec: RunSpec, cfg: Any, checkpoint: Path) -> dict[str, Any]:
         seed=spec.eval_seed,
         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         tasks=tuple(cfg.data.tasks),
+        limits=episode_limits(cfg),
     )
 
 
@@ -91,10 +108,15 @@ def world_reference(train: dict[str, Any], items: int) -> dict[str, dict[str, fl
 
     student, tokenizer = load_model_and_tokenizer(train["student"]["model"])
     teacher, _ = load_model_and_tokenizer(train["teacher"]["model"])
+    rollout = train["rollout"]
+    limits = EpisodeLimits(
+        **{key: rollout[key] for key in ("max_turns", "max_episode_tokens", "tool_timeout_s") if key in rollout}
+    )
     settings = {
         "items": items,
-        "max_new_tokens": train.get("eval", {}).get("max_new_tokens") or train["rollout"]["max_new_tokens"],
+        "max_new_tokens": train.get("eval", {}).get("max_new_tokens") or rollout["max_new_tokens"],
         "tasks": tuple(train["data"]["tasks"]),
+        "limits": limits,
     }
     return {
         "teacher": evaluate_student(teacher, teacher, tokenizer, **settings),

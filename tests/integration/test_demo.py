@@ -16,7 +16,7 @@ TINY_OVERRIDES = [
     "eval.every=1",
     "eval.num_prompts=2",
     "rollout.max_new_tokens=6",
-    "data.prompts_per_step=2",
+    "data.prompts_per_step=3",  # one per task
     "rollout.samples_per_prompt=1",
     "eval.max_new_tokens=6",
 ]
@@ -52,12 +52,12 @@ def test_demo_smoke(world, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(printed[-1])["demo"]
     assert set(summary) == {"teacher", "student_start", "runs"}
-    assert set(summary["teacher"]) == {"math_acc", "tool_acc"}
-    assert set(summary["student_start"]) == {"math_acc", "tool_acc", "reverse_kl"}
+    assert set(summary["teacher"]) == {"math_acc", "tool_acc", "multiturn_acc"}
+    assert set(summary["student_start"]) == {"math_acc", "tool_acc", "multiturn_acc", "reverse_kl"}
     expected = {f"{e}/{d}" for e in ("opd", "opd_plus") for d in ("reverse_kl", "forward_kl", "jsd")}
     assert set(summary["runs"]) == expected
     for run in summary["runs"].values():
-        assert 0 <= run["math_acc"] <= 1 and 0 <= run["tool_acc"] <= 1
+        assert 0 <= run["math_acc"] <= 1 and 0 <= run["tool_acc"] <= 1 and 0 <= run["multiturn_acc"] <= 1
         assert math.isfinite(run["reverse_kl"]) and run["reverse_kl"] >= 0
         assert run["steps"] == 2
     assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 0
@@ -102,7 +102,7 @@ def test_world_sweep_reports_teacher_and_starting_student(world, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"teacher", "student_start", "rows", "runs"}
     for key in ("teacher", "student_start"):
-        assert set(summary[key]) == {"math_acc", "tool_acc", "reverse_kl"}
+        assert set(summary[key]) == {"math_acc", "tool_acc", "multiturn_acc", "reverse_kl"}
         assert 0 <= summary[key]["math_acc"] <= 1 and 0 <= summary[key]["tool_acc"] <= 1
     assert summary["teacher"]["reverse_kl"] == pytest.approx(0.0, abs=1e-9)
     assert summary["student_start"]["reverse_kl"] > 0

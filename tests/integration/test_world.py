@@ -8,11 +8,12 @@ import torch
 from opdplus.eval.runner import greedy_completions
 from opdplus.tasks import get_task
 from opdplus.tasks.base import TaskItem
-from opdplus.tasks.synthetic import solution_of
 from opdplus.world.build import (
     SMOKE_SPEC,
+    encode_episodes,
     encode_examples,
     ensure_world,
+    reference_text,
     train_tokenizer,
     world_paths,
     world_ready,
@@ -29,8 +30,9 @@ def tokenizer():
 
 def test_tokenizer_lossless_with_special_tokens(tokenizer):
     for name in MICRO.tasks:
-        for item in get_task(name).items("eval", 20):
-            text = item.prompt_text + solution_of(item)
+        task = get_task(name)
+        for item in task.items("eval", 20):
+            text = item.prompt_text + reference_text(task, item)
             ids = tokenizer(text)["input_ids"]
             assert ids[0] == tokenizer.bos_token_id
             assert tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -54,6 +56,26 @@ def test_encode_example_masks_prompt(tokenizer):
     assert example.labels[:n_prompt] == [-100] * n_prompt
     assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
     assert example.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_encode_episode_trains_assistant_turns_only(tokenizer):
+    """A lookup item's reference episode: prompt, call + EOS, the tool's reply framed as a rollout frames it (not
+    trained), answer + EOS; labels exactly on the two assistant turns and their EOS."""
+    from opdplus.rollout.multiturn import plain_framing
+
+    task = get_task("synthetic_lookup")
+    (item,) = task.items("train", 1)
+    (example,) = encode_episodes(tokenizer, task, [item])
+    call, answer = item.meta["turns"]
+    reply = plain_framing([{"role": "tool", "content": str(item.meta["table"][item.meta["key"]])}])
+    eos = [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(item.prompt)["input_ids"]
+    call_ids, reply_ids, answer_ids = (
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in (call, reply, answer)
+    )
+    assert example.input_ids == prompt_ids + call_ids + eos + reply_ids + answer_ids + eos
+    masked = [-100] * len(prompt_ids), [-100] * len(reply_ids)
+    assert example.labels == masked[0] + call_ids + eos + masked[1] + answer_ids + eos
 
 
 def test_build_world_micro(tmp_path):
