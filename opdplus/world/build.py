@@ -327,12 +327,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_until(
-    model,
-    tokenizer,
-    pools: dict[str, list[Example]],
-    spec: TrainSpec,
-    max_new_tokens: int,
-    log: Log = print,
+    model, tokenizer, pools: dict[str, list[Example]], spec: TrainSpec, max_new_tokens: int, log: Log = print
 ) -> dict:
     """Supervised training on ``pools`` (one task per batch, round robin over the tasks still being
     trained) until every task's greedy dev accuracy reaches ``spec.target_acc`` (checked every
@@ -340,8 +335,7 @@ def train_until(
 
     With ``spec.stop_each_task`` a task leaves the mix once it reaches the target, and the model ends
     at the evaluated state closest to the target (smallest worst-task distance), so a fast learner is
-    parked near the target instead of overshooting. Returns the steps and dev
-    accuracies kept."""
+    parked near the target instead of overshooting. Returns the steps and dev accuracies kept."""
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
     tasks = {name: get_task(name) for name in pools}

@@ -80,23 +80,27 @@ def evaluate_student(
     return result
 
 
+def run_eval_settings(cfg: Any) -> dict[str, Any]:
+    """``evaluate_student``'s decoding settings for runs of ``cfg``: tokens per completion (or turn), the tasks
+    and the episode bounds, as its training evaluates them."""
+    from opdplus.train.builders import episode_limits
+
+    return {
+        "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        "tasks": tuple(cfg.data.tasks),
+        "limits": episode_limits(cfg),
+    }
+
+
 def evaluate_run(spec: RunSpec, cfg: Any, checkpoint: Path) -> dict[str, Any]:
     """The sweep runner's evaluation hook for world runs: the final student of ``checkpoint`` against
     ``cfg``'s teacher on ``spec.eval_items`` held-out items per task."""
     from opdplus.models.load import load_model_and_tokenizer
-    from opdplus.train.builders import episode_limits
 
     student, tokenizer = load_model_and_tokenizer(str(checkpoint / "model"))
     teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
     return evaluate_student(
-        student,
-        teacher,
-        tokenizer,
-        items=spec.eval_items,
-        seed=spec.eval_seed,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        tasks=tuple(cfg.data.tasks),
-        limits=episode_limits(cfg),
+        student, teacher, tokenizer, items=spec.eval_items, seed=spec.eval_seed, **run_eval_settings(cfg)
     )
 
 
@@ -104,20 +108,15 @@ def world_reference(train: dict[str, Any], items: int) -> dict[str, dict[str, fl
     """What a sweep of ``train`` (models resolved to directories) is measured against: the teacher's and the
     starting student's evaluation on the same ``items`` held-out items per task as its runs
     (``evaluate_run``), ``{"teacher": ..., "student_start": ...}``."""
-    from opdplus.models.load import load_model_and_tokenizer
+    import copy
 
-    student, tokenizer = load_model_and_tokenizer(train["student"]["model"])
-    teacher, _ = load_model_and_tokenizer(train["teacher"]["model"])
-    rollout = train["rollout"]
-    limits = EpisodeLimits(
-        **{key: rollout[key] for key in ("max_turns", "max_episode_tokens", "tool_timeout_s") if key in rollout}
-    )
-    settings = {
-        "items": items,
-        "max_new_tokens": train.get("eval", {}).get("max_new_tokens") or rollout["max_new_tokens"],
-        "tasks": tuple(train["data"]["tasks"]),
-        "limits": limits,
-    }
+    from opdplus.models.load import load_model_and_tokenizer
+    from opdplus.train.config import config_from_dict
+
+    cfg = config_from_dict(copy.deepcopy(train))
+    student, tokenizer = load_model_and_tokenizer(cfg.student.model)
+    teacher, _ = load_model_and_tokenizer(cfg.teacher.model)
+    settings = {"items": items, **run_eval_settings(cfg)}
     return {
         "teacher": evaluate_student(teacher, teacher, tokenizer, **settings),
         "student_start": evaluate_student(student, teacher, tokenizer, **settings),
